@@ -1,0 +1,1 @@
+"""Data stages: corpus loading, translation, quality checks, training pairs."""

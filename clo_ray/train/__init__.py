@@ -1,0 +1,1 @@
+"""Training: losses (pure torch), schedules, the Ray Train loop."""

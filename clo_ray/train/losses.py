@@ -1,0 +1,130 @@
+"""CLO, DPO and SFT losses: pure torch, no Ray, no model code.
+
+Everything works on *summed response log-probs* per sequence (see ``sequence_logps``): the
+model runs once per step on a padded batch and the losses only rearrange these numbers.
+
+Defaults for the points the CLO paper (Lee et al., ACL 2025) leaves open:
+- ``beta = 0.1`` (the common DPO default; the authors' follow-up used it too);
+- the two cross-lingual directions are **summed** (``directions="sum"``), as the paper's
+  formula writes L_CL; ``"mean"`` halves it;
+- the NLL term is **token-averaged** over all target-language response tokens of the batch
+  (``nll_reduction="token"``, the usual causal-LM loss); ``"sequence"`` averages each
+  sequence's mean token NLL, ``"sum"`` uses the summed sequence NLL (the paper's
+  -log pi(y_l|x_l) taken literally; its scale dwarfs L_CL unless lambda is tiny).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Directions = Literal["sum", "mean"]
+NllReduction = Literal["token", "sequence", "sum"]
+DpoVariant = Literal["sigmoid", "ipo"]
+
+# Row order of the [4, P] tensors of a CLO batch: for pair p,
+#   x_en: y_en (chosen) > y_l (rejected)   and   x_l: y_l (chosen) > y_en (rejected).
+EN_CHOSEN, EN_REJECTED, TGT_CHOSEN, TGT_REJECTED = range(4)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    metrics: dict[str, float]  # detached floats for logging
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,
+                   response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the response tokens of each sequence, and their count.
+
+    logits [B, T, V] (position t predicts token t+1), input_ids [B, T], response_mask [B, T]
+    (1 on response tokens of input_ids, 0 on prompt and padding). Returns ([B], [B]).
+    """
+    targets = input_ids[:, 1:]
+    # bf16 log-softmax over a 32k-128k vocab loses the small differences DPO lives on.
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    mask = response_mask[:, 1:].to(dtype)
+    token_logps = torch.gather(F.log_softmax(logits[:, :-1].to(dtype), dim=-1), 2,
+                               targets.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def sft_loss(logps: torch.Tensor, n_tokens: torch.Tensor,
+             reduction: NllReduction = "token") -> torch.Tensor:
+    """NLL of responses from summed log-probs ``logps`` [N] over ``n_tokens`` [N] tokens."""
+    if reduction == "token":
+        return -logps.sum() / n_tokens.sum().clamp(min=1)
+    if reduction == "sequence":
+        return (-logps / n_tokens.clamp(min=1)).mean()
+    if reduction == "sum":
+        return -logps.mean()
+    raise ValueError(f"unknown nll reduction {reduction!r}; use token, sequence or sum")
+
+
+def preference_logits(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                      ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> torch.Tensor:
+    """(log-ratio chosen) - (log-ratio rejected) per pair, [P]: DPO's logit before beta."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, *, beta: float = 0.1,
+             variant: DpoVariant = "sigmoid") -> LossOutput:
+    """DPO over P pairs of summed log-probs, each [P].
+
+    sigmoid: -log sigmoid(beta * logits) (Rafailov et al. 2023), ln 2 when policy == reference.
+    ipo: (logits - 1 / (2 beta))^2 (Azar et al. 2023).
+    """
+    logits = preference_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    if variant == "sigmoid":
+        per_pair = -F.logsigmoid(beta * logits)
+    elif variant == "ipo":
+        per_pair = (logits - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown dpo variant {variant!r}; use sigmoid or ipo")
+    metrics = _preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return LossOutput(per_pair.mean(), metrics)
+
+
+def clo_loss(policy: torch.Tensor, reference: torch.Tensor, n_tokens: torch.Tensor, *,
+             lambda_: float = 0.5, beta: float = 0.1, directions: Directions = "sum",
+             nll_reduction: NllReduction = "token") -> LossOutput:
+    """L_CLO = lambda * NLL(y_l | x_l) + (1 - lambda) * L_CL over P parallel pairs.
+
+    policy, reference, n_tokens: [4, P] summed response log-probs (and token counts) in the
+    row order EN_CHOSEN, EN_REJECTED, TGT_CHOSEN, TGT_REJECTED. L_CL is the sigmoid DPO loss
+    of each direction: English prompts prefer the English answer, target prompts the target one.
+    """
+    en = dpo_loss(policy[EN_CHOSEN], policy[EN_REJECTED], reference[EN_CHOSEN],
+                  reference[EN_REJECTED], beta=beta)
+    tgt = dpo_loss(policy[TGT_CHOSEN], policy[TGT_REJECTED], reference[TGT_CHOSEN],
+                   reference[TGT_REJECTED], beta=beta)
+    if directions not in ("sum", "mean"):
+        raise ValueError(f"unknown directions {directions!r}; use sum or mean")
+    cl = en.loss + tgt.loss if directions == "sum" else (en.loss + tgt.loss) / 2
+    nll = sft_loss(policy[TGT_CHOSEN], n_tokens[TGT_CHOSEN], nll_reduction)
+    loss = lambda_ * nll + (1.0 - lambda_) * cl
+    metrics = {"loss": loss.item(), "nll_target": nll.item(), "loss_cl": cl.item()}
+    metrics.update({f"en_{k}": v for k, v in en.metrics.items()})
+    metrics.update({f"target_{k}": v for k, v in tgt.metrics.items()})
+    return LossOutput(loss, metrics)
+
+
+def _preference_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                        ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+                        beta: float) -> dict[str, float]:
+    """Implicit rewards, their margin and accuracy, and raw log-probs (TRL's naming)."""
+    with torch.no_grad():
+        chosen = beta * (policy_chosen - ref_chosen)
+        rejected = beta * (policy_rejected - ref_rejected)
+        return {
+            "rewards_chosen": chosen.mean().item(),
+            "rewards_rejected": rejected.mean().item(),
+            "reward_margin": (chosen - rejected).mean().item(),
+            "reward_accuracy": (chosen > rejected).float().mean().item(),
+            "logps_chosen": policy_chosen.mean().item(),
+            "logps_rejected": policy_rejected.mean().item(),
+        }
