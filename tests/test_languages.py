@@ -34,3 +34,8 @@ def test_every_langid_label_is_known_to_the_detector():
 
     known = set(LanguageIdentifier.from_model_file(MODEL_FILE).labels)
     assert set(langid_candidates()) <= known
+
+
+def test_candidates_never_narrow_to_the_target():
+    assert set(langid_candidates(["sw"])) == set(langid_candidates())
+    assert {"id", "yo", "zh"} <= set(langid_candidates(["sw"]))
