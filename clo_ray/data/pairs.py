@@ -1,0 +1,161 @@
+"""Budgets and the held-out split: which translated pairs a trial trains and evaluates on.
+
+The paper compares methods at data budgets (200 ... 6,400 pairs), so a sweep must be able to
+say "budget 200 is inside budget 400" and "no budget ever sees an eval pair":
+
+- Every row gets a rank from ``sha256(f"{seed}:{id}")``, not from its position in the file,
+  so adding rows to a corpus (or reading it in another order) moves only the new rows.
+- Eval = the first ``holdout`` rows of that order; train = the next ``budget``. A larger
+  budget extends a smaller one (nested), and the eval rows are the same for every budget.
+- Rows whose translation was flagged by quality checks (non-empty ``reasons``) are left out
+  before ranking: training on a bad translation teaches the wrong preference.
+
+Multi-target CLO (several target languages in one trial, beyond the paper) splits each
+language the same way and concatenates; ids are those of the *English* pair, so the same id
+appears once per language. An id held out in any language is kept out of every language's
+train split: otherwise its English side (x_en, y_en) would be trained on through another
+language and leak into the English half of the eval.
+
+No torch here: the sweep driver runs this without the training stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clo_ray.errors import CloRayError
+
+# The translate stage's output columns that training reads (``reasons`` is optional).
+REQUIRED_COLUMNS = ("id", "language", "prompt_en", "response_en", "prompt", "response")
+
+
+class PairsError(CloRayError, ValueError):
+    """Translated pairs cannot give the requested split (too few rows, bad columns)."""
+
+
+@dataclass(frozen=True)
+class PairSplit:
+    """Train and eval rows of one trial, with the input's columns (train in rank order)."""
+
+    train: pa.Table
+    eval: pa.Table
+
+
+def split_pairs(translations: pa.Table, *, budget: int, holdout: int, seed: int) -> PairSplit:
+    """Eval = first ``holdout`` accepted rows by hash rank, train = the next ``budget``.
+
+    Raises PairsError naming budget, holdout and the rows available when they do not fit,
+    and on missing columns or repeated ids (ids key the reference cache: they must be unique).
+    """
+    return _split(translations, budget=budget, holdout=holdout, seed=seed)
+
+
+def split_multi(tables: Mapping[str, pa.Table], budgets: Mapping[str, int], *, holdout: int,
+                seed: int) -> PairSplit:
+    """Per-language splits (``holdout`` eval rows and ``budgets[lang]`` train rows each),
+    concatenated in sorted language order; the ``language`` column tells the rows apart.
+
+    An id in any language's eval split is excluded from every train split (see the module
+    docstring), which keeps budgets nested because it depends on ``holdout`` only.
+    """
+    if set(tables) != set(budgets):
+        raise PairsError(f"languages with tables {sorted(tables)} and with budgets "
+                         f"{sorted(budgets)} differ; give one budget per target language")
+    if not tables:
+        raise PairsError("split_multi needs at least one language")
+    languages = sorted(tables)
+    for language in languages:
+        _check_language(tables[language], language)
+    evals = {lang: _split(tables[lang], budget=0, holdout=holdout, seed=seed).eval
+             for lang in languages}
+    held_out = frozenset(i for table in evals.values() for i in table.column("id").to_pylist())
+    trains = [_split(tables[lang], budget=budgets[lang], holdout=holdout, seed=seed,
+                     exclude=held_out, language=lang).train for lang in languages]
+    return PairSplit(train=pa.concat_tables(trains, promote_options="default"),
+                     eval=pa.concat_tables(list(evals.values()), promote_options="default"))
+
+
+def pairs_fingerprint(table: pa.Table) -> str:
+    """16 hex chars of sha256 over each row's id, language and four texts, in row order.
+
+    Order counts (the train loop addresses pairs by index, so a resumed run must see the same
+    order); other columns (``reasons``, extra metadata) do not change what is trained.
+    """
+    _check_columns(table)
+    digest = hashlib.sha256()
+    columns = [table.column(name).to_pylist() for name in REQUIRED_COLUMNS]
+    for row in zip(*columns, strict=True):
+        # JSON per row: unambiguous boundaries between fields and rows.
+        digest.update(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def rank_key(seed: int, row_id: str) -> str:
+    """The sort key of a row: stable across files, row order and Python versions."""
+    return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ internals
+
+
+def _split(table: pa.Table, *, budget: int, holdout: int, seed: int,
+           exclude: Set[str] = frozenset(), language: str | None = None) -> PairSplit:
+    """Rank the accepted rows; eval = first ``holdout``, train = next ``budget`` not excluded."""
+    if budget < 0 or holdout < 0:
+        raise PairsError(f"budget ({budget}) and holdout ({holdout}) must be >= 0")
+    _check_columns(table)
+    accepted = _accepted(table)
+    ids = accepted.column("id").to_pylist()
+    if len(set(ids)) != len(ids):
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)[:5]
+        raise PairsError(f"repeated pair ids {repeated}: ids must be unique per language")
+    order = sorted(range(len(ids)), key=lambda i: rank_key(seed, ids[i]))
+    eval_rows = order[:holdout]
+    candidates = [i for i in order[holdout:] if ids[i] not in exclude]
+    where = f" for language {language!r}" if language else ""
+    if len(eval_rows) < holdout or budget > len(candidates):
+        flagged = table.num_rows - accepted.num_rows
+        raise PairsError(
+            f"budget {budget} + holdout {holdout} = {budget + holdout} pairs needed{where}, "
+            f"but only {accepted.num_rows} are available ({flagged} flagged rows excluded"
+            + (f", {len(order) - holdout - len(candidates)} held out in another language"
+               if exclude else "")
+            + "); lower the budget or the holdout, or translate more pairs")
+    return PairSplit(train=_take(accepted, candidates[:budget]), eval=_take(accepted, eval_rows))
+
+
+def _take(table: pa.Table, rows: list[int]) -> pa.Table:
+    """``table.take`` that also works for no rows (an untyped empty list has no kernel)."""
+    return table.take(pa.array(rows, pa.int64()))
+
+
+def _accepted(table: pa.Table) -> pa.Table:
+    """Rows whose ``reasons`` list is empty or null (all rows when there is no such column)."""
+    if "reasons" not in table.column_names:
+        return table
+    reasons = table.column("reasons")
+    keep = pc.fill_null(pc.equal(pc.list_value_length(reasons), 0), True)
+    return table.filter(keep)
+
+
+def _check_columns(table: pa.Table) -> None:
+    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    if missing:
+        raise PairsError(f"translated pairs lack columns {missing} (have "
+                         f"{table.column_names}); expected the translate stage's output")
+
+
+def _check_language(table: pa.Table, language: str) -> None:
+    """A table given under ``language`` must hold only that language's rows."""
+    _check_columns(table)
+    found = set(table.column("language").to_pylist())
+    if found - {language}:
+        raise PairsError(f"table given for language {language!r} holds rows of "
+                         f"{sorted(found - {language}, key=str)}")

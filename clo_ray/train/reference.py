@@ -1,0 +1,200 @@
+"""Reference log-probs: computed once with the frozen initial model, stored, reused.
+
+CLO and DPO compare the policy with the frozen initial model pi_ref. Its summed response
+log-probs depend only on (model, data, encoding), so they are computed once, before training,
+and kept in storage under a content key (:func:`reference_key`); every later trial and stage
+with the same key reads them instead of computing, and training never holds a second model.
+
+Layout: ``<storage_root>/cache/reference/<key>/shard-RRRRR-of-WWWWW.parquet``, one file per
+train worker (worker ``r`` of ``w`` computes ``examples[r::w]``), columns ``id``,
+``language``, ``logps`` (list<double>, one value per sequence). Files are written atomically,
+so a file that exists is complete; a cache is usable once every shard of one worker count is
+there. A cache written by 2 workers serves a trial with 4: the numbers do not depend on how
+the work was split. Two trials racing on the same key write identical files; either wins.
+
+Rows are keyed by :attr:`Example.key` (language + pair id): a multi-target trial holds the
+same English pair once per language. No Ray here: the train loop calls these on each worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from clo_ray import storage
+from clo_ray.errors import CloRayError
+from clo_ray.storage import StorageOptions
+from clo_ray.train.batches import Example, collate, n_sequences
+from clo_ray.train.losses import sequence_logps
+
+# Bump when the encoding (batches.py) or this layout changes: every old cache then misses
+# instead of silently feeding stale numbers to a new encoding.
+REFERENCE_FORMAT = 1
+_SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})\.parquet$")
+_SCHEMA = pa.schema([("id", pa.string()), ("language", pa.string()),
+                     ("logps", pa.list_(pa.float64()))])
+
+
+class ReferenceCacheError(CloRayError):
+    """A reference cache is incomplete or inconsistent, or lacks an example asked for."""
+
+
+def reference_key(model_ref: str, data_fingerprint: str, template: str, max_length: int,
+                  loss: str, sft_data: str | None) -> str:
+    """20 hex chars naming everything the reference log-probs depend on.
+
+    ``model_ref`` must identify the weights *and* tokenizer (the caller adds dtype and
+    earlier stages' results). clo and dpo encode the same 4 sequences per pair, so they share
+    a key; ``sft_data`` counts only for sft. The plain ``template`` is always included, even
+    when a chat template makes it unused (a needless miss is cheap, a wrong hit is not).
+    """
+    count = n_sequences(loss, sft_data or "target")  # validates loss and sft_data
+    encoding = "pairs" if loss in ("clo", "dpo") else f"sft-{sft_data or 'target'}"
+    payload = json.dumps({"format": REFERENCE_FORMAT, "model": model_ref,
+                          "data": data_fingerprint, "template": template,
+                          "max_length": max_length, "encoding": encoding,
+                          "sequences": count}, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
+
+
+def reference_uri(storage_root: str, key: str) -> str:
+    """Where the cache of ``key`` lives: ``<storage_root>/cache/reference/<key>``."""
+    return storage.join(storage_root, "cache", "reference", key)
+
+
+@torch.no_grad()
+def compute_reference_logps(model: Any, examples: Sequence[Example], *, micro_batch: int,
+                            pad_id: int | None) -> torch.Tensor:
+    """Summed response log-probs [N, S] (float32, CPU) of ``model`` as it is now.
+
+    Micro-batches are formed from examples sorted by length (less padding, and padding does
+    not change the numbers); dropout is off while computing, and the model's train/eval mode
+    is restored afterwards.
+    """
+    if not examples:
+        return torch.zeros((0, 0), dtype=torch.float32)
+    if micro_batch <= 0:
+        raise ReferenceCacheError(f"micro_batch must be positive, got {micro_batch}")
+    count = len(examples[0].input_ids)
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)),
+                   key=lambda i: max(len(ids) for ids in examples[i].input_ids))
+    out = torch.empty((len(examples), count), dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for begin in range(0, len(order), micro_batch):
+            chunk = order[begin:begin + micro_batch]
+            batch = {k: v.to(device) for k, v in
+                     collate([examples[i] for i in chunk], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+            logps, _ = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+            out[chunk] = logps.view(count, len(chunk)).T.float().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def shard_name(rank: int, world: int) -> str:
+    """File name of worker ``rank``'s shard in a ``world``-worker cache."""
+    return f"shard-{rank:05d}-of-{world:05d}.parquet"
+
+
+def write_shard(uri: str, examples: Sequence[Example], logps: torch.Tensor, *, rank: int,
+                world: int, storage_options: StorageOptions = None) -> None:
+    """Store this worker's ``logps`` [N, S] for ``examples`` (N may be 0) atomically."""
+    if not 0 <= rank < world:
+        raise ReferenceCacheError(f"rank {rank} is outside a world of {world} workers")
+    if len(examples) != logps.shape[0]:
+        raise ReferenceCacheError(f"{len(examples)} examples but {logps.shape[0]} rows of "
+                                  f"reference log-probs")
+    table = pa.table({"id": [e.id for e in examples],
+                      "language": [e.language for e in examples],
+                      "logps": logps.double().tolist()}, schema=_SCHEMA)
+    storage.write_parquet_atomic(storage.join(uri, shard_name(rank, world)), table,
+                                 storage_options)
+
+
+def shard_complete(uri: str, world: int, storage_options: StorageOptions = None) -> bool:
+    """Whether the cache at ``uri`` is usable: all shards of ``world`` workers, or of any
+    other worker count, exist (``world`` only names the caller's own set)."""
+    return bool(_complete_worlds(_list_shards(uri, storage_options)))
+
+
+def read_reference(uri: str, storage_options: StorageOptions = None) -> dict[str, list[float]]:
+    """``{Example.key: [logp per sequence]}`` from one complete set of shards.
+
+    Raises ReferenceCacheError naming the missing shards when no set is complete, and on a
+    key that two shards (or one shard twice) hold: the shards would disagree on the data.
+    """
+    shards = _list_shards(uri, storage_options)
+    complete = _complete_worlds(shards)
+    if not complete:
+        sets = "; ".join(f"of {w} workers, ranks {sorted(ranks)} present and "
+                         f"{sorted(set(range(w)) - ranks)} missing"
+                         for w, ranks in sorted(shards.items()))
+        raise ReferenceCacheError(
+            f"reference cache {uri} is incomplete ({sets or 'no shards'}): the workers "
+            f"computing it did not all finish; rerun the trial to compute it")
+    world = complete[0]
+    reference: dict[str, list[float]] = {}
+    for rank in range(world):
+        path = storage.join(uri, shard_name(rank, world))
+        with storage.open_input(path, storage_options) as handle:
+            table = pq.read_table(handle)
+        for row_id, language, values in zip(table.column("id").to_pylist(),
+                                            table.column("language").to_pylist(),
+                                            table.column("logps").to_pylist(), strict=True):
+            key = f"{language}:{row_id}"
+            if key in reference:
+                raise ReferenceCacheError(f"reference cache {uri}: example {key!r} appears "
+                                          f"twice (again in {shard_name(rank, world)}); "
+                                          f"delete the cache folder and recompute")
+            reference[key] = values
+    return reference
+
+
+def lookup(reference: Mapping[str, list[float]], examples: Sequence[Example],
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """Reference log-probs [S, P] float32 for a micro-batch, aligned with ``collate``'s
+    sequence-major ``.view(S, P)``; on ``device`` (the policy's) when given."""
+    try:
+        rows = [reference[e.key] for e in examples]
+    except KeyError as err:
+        raise ReferenceCacheError(f"no reference log-probs for example {err.args[0]!r}: the "
+                                  f"cache was computed for other data or encoding") from None
+    if any(len(r) != len(e.input_ids) for r, e in zip(rows, examples, strict=True)):
+        raise ReferenceCacheError("reference log-probs have another number of sequences per "
+                                  "example than the batch (another loss's encoding)")
+    return torch.tensor(rows, dtype=torch.float32, device=device).T.contiguous()
+
+
+# ------------------------------------------------------------------------------ internals
+
+
+def _list_shards(uri: str, storage_options: StorageOptions) -> dict[int, set[int]]:
+    """``{world: {ranks present}}`` from the shard files under ``uri`` (none if absent)."""
+    fs, path = storage.resolve(uri, storage_options)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    shards: dict[int, set[int]] = {}
+    for info in infos:
+        match = _SHARD.match(info.base_name)
+        if match and info.type == pafs.FileType.File:
+            rank, world = int(match.group(1)), int(match.group(2))
+            if rank < world:
+                shards.setdefault(world, set()).add(rank)
+    return shards
+
+
+def _complete_worlds(shards: Mapping[int, set[int]]) -> list[int]:
+    """Worker counts whose shards are all present, smallest (fewest files to read) first."""
+    return sorted(w for w, ranks in shards.items() if ranks >= set(range(w)))
