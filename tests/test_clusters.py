@@ -1,0 +1,429 @@
+"""The cluster configs in clusters/: valid for Ray's own launcher schema and KubeRay's shape,
+consistent with the installed Ray and the sweep specs, and closed to the internet.
+
+Nothing here needs a cloud account or starts Ray: the launcher YAMLs go through Ray's JSON
+schema (ray/autoscaler/ray-schema.json) and the offline half of `ray up` (prepare_config +
+validate_config); the KubeRay manifests are checked structurally.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = ROOT / "clusters"
+LAUNCHERS = {"aws": CLUSTERS / "aws.yaml", "gcp": CLUSTERS / "gcp.yaml"}
+RAYCLUSTER = CLUSTERS / "kuberay" / "raycluster.yaml"
+RAYJOB = CLUSTERS / "kuberay" / "rayjob.yaml"
+README = CLUSTERS / "README.md"
+ALL_FILES = [*LAUNCHERS.values(), RAYCLUSTER, RAYJOB, README]
+
+PRIVATE_PORTS = (8265, 10001)  # dashboard / job server, Ray client
+PUBLIC_CIDRS = ("0.0.0.0/0", "::/0")
+SUBMIT = "ray job submit --working-dir . -- python -m clo_ray.sweep sweeps/paper.yaml"
+ENTRYPOINT = re.compile(r"^python -m clo_ray\.sweep (sweeps/[\w./-]+\.ya?ml)$")
+SWEEP_REF = re.compile(r"\bsweeps/[\w./-]+\.ya?ml\b")
+RAY_IMAGE = re.compile(r"\brayproject/ray(?:-ml|-llm)?:([\w.-]+)")
+
+
+def _launcher(name: str) -> dict[str, Any]:
+    return yaml.safe_load(LAUNCHERS[name].read_text())
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _kind(path: Path, kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in _docs(path) if d.get("kind") == kind]
+    return doc
+
+
+def _walk(node: Any, path: str = ""):
+    """Every (path, key, value) in nested dicts/lists."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield path, key, value
+            yield from _walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{path}[{i}]")
+
+
+def _is_spot(cloud: str, node_config: dict[str, Any]) -> bool:
+    if cloud == "aws":
+        return node_config.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    scheduling = node_config.get("scheduling", {})
+    return scheduling.get("provisioningModel") == "SPOT" or bool(scheduling.get("preemptible"))
+
+
+def _ray_start_commands(config: dict[str, Any]) -> list[str]:
+    return [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+            for c in config[key] if "ray start" in c]
+
+
+# ---------------------------------------------------------------------------- Ray's own schema
+
+
+@pytest.fixture(scope="module")
+def ray_schema() -> dict[str, Any]:
+    import ray.autoscaler
+
+    path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    schema = json.loads(path.read_text())
+    jsonschema.validators.validator_for(schema).check_schema(schema)
+    return schema
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_launcher_validates_against_rays_schema(cloud, ray_schema):
+    config = _launcher(cloud)
+    jsonschema.validate(config, ray_schema)  # raises with the offending path
+    assert config["provider"]["type"] == cloud
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_launcher_passes_ray_up_offline_checks(cloud):
+    """What `ray up` does before it calls the cloud: merge defaults, check node types/counts."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(_launcher(cloud)))
+    validate_config(prepared)
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+def test_schema_check_is_not_vacuous(ray_schema):
+    bad = _launcher("aws")
+    bad["available_node_types"]["head"]["resources"] = {"CPU": 0.5}  # must be integers
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, ray_schema)
+    bad = _launcher("aws")
+    bad["available_node_types"]["head"]["node_confg"] = {}  # typo: additionalProperties
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, ray_schema)
+
+
+# ---------------------------------------------------------------------------- launcher layout
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_launcher_node_types(cloud):
+    config = _launcher(cloud)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    # Head: on-demand, advertises no CPU -> no trial, task or train worker lands there.
+    assert head["resources"].get("CPU") == 0, "the head must advertise CPU 0"
+    assert not head["resources"].get("GPU")
+    assert not _is_spot(cloud, head["node_config"]), "the head must be on-demand"
+
+    workers = {n: t for n, t in types.items() if n != config["head_node_type"]}
+    total_max = 0
+    for name, node in workers.items():
+        assert 0 <= node.get("min_workers", 0) <= node["max_workers"], name
+        total_max += node["max_workers"]
+        spot = _is_spot(cloud, node["node_config"])
+        # on_demand marks exactly the non-spot worker types (trial actors are pinned to it).
+        assert ("on_demand" in node["resources"]) is not spot, name
+        assert node["labels"]["clo-ray/capacity"] == ("spot" if spot else "on-demand"), name
+    assert total_max <= config["max_workers"]
+    assert config["idle_timeout_minutes"] > 0
+
+    gpus = {n: t["resources"].get("GPU", 0) for n, t in workers.items()}
+    assert any(g == 8 for g in gpus.values()), "an 8-GPU type for 13B / ZeRO-3 8-GPU trials"
+    assert any(0 < g < 8 for g in gpus.values()), "a smaller GPU type (translation, 3B-8B)"
+    assert any(g == 8 and _is_spot(cloud, workers[n]["node_config"]) for n, g in gpus.items())
+    assert any("on_demand" in t["resources"] for t in workers.values())
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_paper_trial_and_translators_fit_a_node_type(cloud):
+    """One paper trial (all its train workers) fits one GPU node; a translator actor fits too."""
+    from clo_ray.spec import load_spec
+
+    spec = load_spec(ROOT / "sweeps" / "paper.yaml")
+    res = spec.resources
+    gpu_types = [t["resources"] for t in _launcher(cloud)["available_node_types"].values()
+                 if t["resources"].get("GPU")]
+    trial_gpus = res.workers_per_trial * res.gpus_per_worker
+    trial_cpus = res.workers_per_trial * res.cpus_per_worker
+    assert any(r["GPU"] >= trial_gpus and r["CPU"] >= trial_cpus + 1 for r in gpu_types)
+    assert any(r["GPU"] >= spec.translator.gpus_per_actor for r in gpu_types)
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_node_labels_pass_rays_label_validation(cloud):
+    from ray._private.label_utils import validate_node_label_syntax, validate_node_labels
+
+    for node in _launcher(cloud)["available_node_types"].values():
+        validate_node_labels(node.get("labels"))
+        validate_node_label_syntax(node.get("labels"))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_launcher_commands_are_valid_bash(cloud):
+    config = _launcher(cloud)
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands",
+            "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+    for command in (c for key in keys for c in config.get(key, [])):
+        done = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}\n{done.stderr}"
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_launcher_installs_clo_ray_with_vllm_and_syncs_the_repo(cloud):
+    config = _launcher(cloud)
+    assert any(re.search(r"pip install .*clo-ray\[vllm\]", c) for c in config["setup_commands"])
+    assert config["file_mounts"].get("/home/ray/clo-ray") == "."
+    assert ".gitignore" in config["rsync_filter"]  # .venv, runs/ ... never uploaded
+
+
+# ---------------------------------------------------------------------------- images / versions
+
+
+def _all_images() -> list[tuple[str, str]]:
+    found = []
+    for cloud in LAUNCHERS:
+        for path, key, value in _walk(_launcher(cloud)):
+            if key in ("image", "head_image", "worker_image"):
+                found.append((f"{cloud}{path}.{key}", value))
+    for manifest in (RAYCLUSTER, RAYJOB):
+        for doc in _docs(manifest):
+            for path, key, value in _walk(doc):
+                if key == "image":
+                    found.append((f"{manifest.name}{path}", value))
+    return found
+
+
+def test_every_image_is_the_installed_ray_version():
+    images = _all_images()
+    assert len(images) >= 2 + 2 * 6  # both launchers, head + 5 worker groups in each manifest
+    for where, image in images:
+        match = RAY_IMAGE.search(image)
+        assert match, f"{where}: {image} is not a Ray image"
+        assert match.group(1).startswith(f"{ray.__version__}-"), f"{where}: {image}"
+        assert "-py311" in image and image.endswith("-gpu"), f"{where}: {image}"
+    # Every Ray image tag mentioned anywhere (comments, README, Dockerfile snippet) agrees.
+    for path in ALL_FILES:
+        for tag in RAY_IMAGE.findall(path.read_text()):
+            assert tag.startswith(f"{ray.__version__}-"), f"{path.name}: rayproject/ray:{tag}"
+    for manifest in (_kind(RAYCLUSTER, "RayCluster")["spec"],
+                     _kind(RAYJOB, "RayJob")["spec"]["rayClusterSpec"]):
+        assert manifest["rayVersion"] == ray.__version__
+
+
+# ---------------------------------------------------------------------------- KubeRay
+
+
+def _groups(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+
+
+def _containers(group: dict[str, Any]) -> list[dict[str, Any]]:
+    return group["template"]["spec"]["containers"]
+
+
+def _start_resources(group: dict[str, Any]) -> dict[str, float]:
+    """rayStartParams.resources as KubeRay passes it: '"{\\"name\\": n}"'."""
+    raw = group.get("rayStartParams", {}).get("resources")
+    if raw is None:
+        return {}
+    return json.loads(raw.strip().strip('"').replace('\\"', '"'))
+
+
+def test_raycluster_autoscales_with_gpu_groups():
+    cluster = _kind(RAYCLUSTER, "RayCluster")
+    assert cluster["apiVersion"] == "ray.io/v1"
+    spec = cluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert not any("nvidia.com/gpu" in c["resources"]["limits"]
+                   for c in _containers(spec["headGroupSpec"]))
+    gpu_counts = []
+    for group in spec["workerGroupSpecs"]:
+        assert 0 <= group["minReplicas"] <= group["maxReplicas"], group["groupName"]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        pod = group["template"]["spec"]
+        limits = pod["containers"][0]["resources"]["limits"]
+        spot = pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") == "true"
+        assert ("on_demand" in _start_resources(group)) is not spot, group["groupName"]
+        if "nvidia.com/gpu" not in limits:
+            continue
+        gpus = int(limits["nvidia.com/gpu"])
+        gpu_counts.append(gpus)
+        assert pod["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
+        assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), group["groupName"]
+        assert "cloud.google.com/gke-accelerator" in pod["nodeSelector"], group["groupName"]
+    assert 8 in gpu_counts and any(g < 8 for g in gpu_counts)
+
+
+def test_rayjob_runs_the_paper_sweep_on_the_same_cluster_spec():
+    job = _kind(RAYJOB, "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    match = ENTRYPOINT.match(spec["entrypoint"])
+    assert match and match.group(1) == "sweeps/paper.yaml", spec["entrypoint"]
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"].endswith(".zip")  # one commit of the repo, unpacked
+    assert any("clo-ray[vllm]" in p for p in runtime_env["pip"]["packages"])
+    assert spec["shutdownAfterJobFinishes"] is True
+    # The RayJob's cluster is exactly the RayCluster manifest's spec (no drift between them).
+    assert spec["rayClusterSpec"] == _kind(RAYCLUSTER, "RayCluster")["spec"]
+    assert _kind(RAYJOB, "ServiceAccount") == _kind(RAYCLUSTER, "ServiceAccount")
+
+
+# ---------------------------------------------------------------------------- sweeps referenced
+
+
+def _sweep_refs() -> set[str]:
+    return {ref for path in ALL_FILES for ref in SWEEP_REF.findall(path.read_text())}
+
+
+def test_every_referenced_sweep_validates():
+    from clo_ray.spec import load_spec
+
+    refs = _sweep_refs()
+    assert "sweeps/paper.yaml" in refs
+    for ref in sorted(refs):
+        assert (ROOT / ref).is_file(), f"{ref} is referenced in clusters/ but does not exist"
+        load_spec(ROOT / ref)  # raises SpecError listing every problem
+
+
+def test_readme_shows_submit_and_port_forwarding():
+    text = README.read_text()
+    assert SUBMIT in text
+    assert "ray dashboard clusters/aws.yaml" in text
+    assert "kubectl port-forward" in text
+
+
+def test_readme_sizing_matches_the_plan():
+    """The README's worked example quotes --plan for sweeps/paper.yaml: keep them in step."""
+    from clo_ray.plan import build_plan, format_plan
+    from clo_ray.spec import load_spec
+
+    paper = yaml.safe_load((ROOT / "sweeps" / "paper.yaml").read_text())
+    plan = build_plan(load_spec(paper))
+    text, out = README.read_text(), format_plan(plan)
+    quoted = text.split("```text\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    for line in quoted:
+        assert line in out, f"README quotes a plan line --plan no longer prints: {line}"
+    per_trial_gpus = paper["resources"]["workers_per_trial"] * paper["resources"][
+        "gpus_per_worker"]
+    assert f"{plan.total_hours / per_trial_gpus:.1f} node-hours" in text
+    paper["resources"]["assumed_tflops_per_worker"] = 125
+    a100 = build_plan(load_spec(paper)).total_hours
+    assert f"{a100:.1f} GPU-hours" in text
+
+
+# ---------------------------------------------------------------------------- security
+
+
+def _ports(rule: dict[str, Any]) -> range:
+    low, high = rule.get("FromPort", -1), rule.get("ToPort", -1)
+    return range(0, 65536) if low == -1 else range(low, high + 1)
+
+
+def public_exposures(config: Any) -> list[str]:
+    """Rules in a launcher config that open the dashboard/client ports to the internet."""
+    found = []
+    for path, key, value in _walk(config):
+        if key == "IpPermissions":  # AWS security-group ingress
+            for rule in value:
+                cidrs = [r.get("CidrIp") for r in rule.get("IpRanges", [])]
+                cidrs += [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+                if any(c in PUBLIC_CIDRS for c in cidrs):
+                    found += [f"{path}: {p}" for p in PRIVATE_PORTS if p in _ports(rule)]
+        if key == "sourceRanges" and any(c in PUBLIC_CIDRS for c in value):  # GCP firewall
+            found.append(f"{path}: {value}")
+    for command in _ray_start_commands(config) if isinstance(config, dict) else []:
+        host = re.search(r"--dashboard-host[= ](\S+)", command)
+        if host and host.group(1) not in ("127.0.0.1", "localhost", "::1"):
+            found.append(f"dashboard bound to {host.group(1)}")
+    return found
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_launcher_never_exposes_dashboard_or_client(cloud):
+    config = _launcher(cloud)
+    assert public_exposures(config) == []
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert not re.search(r"(--ray-client-server-port|--dashboard-port)[= ]", head_start)
+
+
+def test_exposure_check_catches_an_open_dashboard():
+    bad = _launcher("aws")
+    bad["provider"]["security_group"]["IpPermissions"] = [
+        {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp",
+         "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]
+    assert public_exposures(bad)
+    bad = _launcher("gcp")
+    bad["head_start_ray_commands"] = [c.replace("--dashboard-host=127.0.0.1",
+                                                "--dashboard-host=0.0.0.0")
+                                      for c in bad["head_start_ray_commands"]]
+    assert public_exposures(bad)
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_launcher_keeps_token_auth_on(cloud):
+    config = _launcher(cloud)
+    starts = _ray_start_commands(config)
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert "-e RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    # The head makes the token (never echoed), the launcher copies it to workers.
+    generate = [c for c in config["head_setup_commands"] if "get-auth-token" in c]
+    assert generate and all(c.rstrip().endswith("> /dev/null") for c in generate)
+    assert "/home/ray/.ray/auth_token" in config["cluster_synced_files"]
+
+
+def test_kuberay_is_private_and_authenticated():
+    clusters = [_kind(RAYCLUSTER, "RayCluster")["spec"],
+                _kind(RAYJOB, "RayJob")["spec"]["rayClusterSpec"]]
+    for cluster in clusters:
+        assert cluster["authOptions"]["mode"] == "token"
+        assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    for manifest in (RAYCLUSTER, RAYJOB):
+        docs = _docs(manifest)
+        assert not any(d["kind"] in ("Ingress", "Service", "Route") for d in docs)
+        for doc in docs:
+            for path, key, value in _walk(doc):
+                assert not (key == "serviceType" and value != "ClusterIP"), path
+                assert not (key == "hostNetwork" and value), path
+                assert key != "hostPort", path
+                assert not (key == "dashboard-host" and value not in ("127.0.0.1", "localhost"))
+
+
+SECRET_SHAPES = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "AWS secret key": re.compile(r"aws_secret_access_key\s*[:=]", re.I),
+    "Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|\"private_key\"\s*:"),
+    "Ray token value": re.compile(r"RAY_AUTH_TOKEN\s*[:=]\s*['\"]?[0-9a-f]{16,}"),
+}
+
+
+def test_no_secrets_in_cluster_files():
+    for path in ALL_FILES:
+        text = path.read_text()
+        for what, shape in SECRET_SHAPES.items():
+            assert not shape.search(text), f"{path.name} contains what looks like a {what}"
+        assert "RAY_AUTH_MODE=disabled" not in text
+    for manifest in (RAYCLUSTER, RAYJOB):
+        for doc in _docs(manifest):
+            for _, key, value in _walk(doc):
+                if key != "env":
+                    continue
+                for var in value:  # secret-looking variables only ever come from a Secret
+                    if re.search(r"TOKEN|SECRET|KEY|PASSWORD", var["name"]):
+                        assert "value" not in var and "secretKeyRef" in var["valueFrom"], var
