@@ -33,6 +33,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from clo_ray import builtin_m2m100
 from clo_ray.assets import parallel_sample_path
 from clo_ray.errors import ModelResolutionError
 
@@ -283,6 +284,13 @@ BUILTINS: dict[str, BuiltinModel] = {
             TINY_LLAMA_CONFIG,
             _tiny_cache_key,
             _build_tiny_llama,
+        ),
+        BuiltinModel(
+            builtin_m2m100.NAME,
+            builtin_m2m100.DESCRIPTION,
+            builtin_m2m100.CONFIG,
+            builtin_m2m100.cache_key,
+            builtin_m2m100.build,
         ),
     ]
 }

@@ -205,7 +205,7 @@ def test_local_directory_resolves_to_itself(tiny_dir: Path) -> None:
 
 
 def test_builtin_names_are_listed() -> None:
-    assert set(BUILTIN_MODELS) == {"smollm2-135m", "tiny-llama"}
+    assert set(BUILTIN_MODELS) == {"smollm2-135m", "tiny-llama", "tiny-m2m100"}
     assert is_builtin(TINY) and not is_builtin("builtin:nope") and not is_builtin("tiny-llama")
 
 
