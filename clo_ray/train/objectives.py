@@ -1,0 +1,125 @@
+"""Stage losses as the loop calls them: ``OBJECTIVES[stage.loss](stage, policy, reference, n)``.
+
+Each objective takes the summed response log-probs of one micro-batch shaped ``[S, P]`` (S
+sequences per pair in :mod:`clo_ray.train.batches` order, P pairs), calls the pure function
+of :mod:`clo_ray.train.losses` with the stage's settings, and names its metrics the way Ray
+Tune and the spec see them (``clo_ray.spec.TRAINING_METRICS``): ``train_loss``,
+``target_nll``, ``english_nll``, ``preference_accuracy``, ``reward_margin``, plus the
+per-direction ones (``en_reward_margin``, ``target_reward_accuracy``, ...).
+
+The loop picks the objective by the stage's loss name through the dict; no function here
+branches on a method name.
+
+- clo: :func:`~clo_ray.train.losses.clo_loss`; rows EN_CHOSEN, EN_REJECTED, TGT_CHOSEN,
+  TGT_REJECTED.
+- dpo: the SFT+DPO baseline's DPO stage on the *same* cross-lingual pairs, both directions
+  (the paper's baseline), combined by ``pair_reduction`` (sum, like CLO): CLO with lambda 0.
+- sft: NLL of every sequence of the micro-batch (target, English or both responses, as
+  ``sft_data`` encoded them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from clo_ray.spec import StageSpec
+from clo_ray.train.losses import (
+    EN_CHOSEN,
+    EN_REJECTED,
+    TGT_CHOSEN,
+    TGT_REJECTED,
+    LossOutput,
+    clo_loss,
+    dpo_loss,
+    sft_loss,
+)
+
+# The metric of each sequence row of an SFT example (clo_ray.train.batches' order).
+SFT_ROWS = {"target": ("target_nll",), "english": ("english_nll",),
+            "both": ("target_nll", "english_nll")}
+Objective = Callable[[StageSpec, torch.Tensor, "torch.Tensor | None", torch.Tensor], LossOutput]
+
+
+def _token_nll(logps: torch.Tensor, n_tokens: torch.Tensor) -> float:
+    """Per-token NLL over a set of sequences (a metric, detached)."""
+    return float(-logps.detach().sum() / n_tokens.sum().clamp(min=1))
+
+
+def _direction_summary(metrics: dict[str, float]) -> dict[str, float]:
+    """The two directions' accuracies and margins averaged: the spec's headline metrics."""
+    return {
+        "preference_accuracy": (metrics["en_reward_accuracy"]
+                                + metrics["target_reward_accuracy"]) / 2,
+        "reward_margin": (metrics["en_reward_margin"] + metrics["target_reward_margin"]) / 2,
+    }
+
+
+def clo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tensor | None,
+                  n_tokens: torch.Tensor) -> LossOutput:
+    """L_CLO with the stage's lambda, beta, direction and NLL reductions."""
+    assert reference is not None, "clo needs reference log-probs"
+    out = clo_loss(policy, reference, n_tokens, lambda_=stage.lambda_, beta=stage.beta,
+                   directions=stage.pair_reduction, nll_reduction=stage.nll_reduction)
+    metrics = {k: v for k, v in out.metrics.items() if k not in ("loss", "nll_target")}
+    metrics.update(train_loss=out.metrics["loss"], target_nll=out.metrics["nll_target"],
+                   english_nll=_token_nll(policy[EN_CHOSEN], n_tokens[EN_CHOSEN]))
+    metrics.update(_direction_summary(metrics))
+    return LossOutput(out.loss, metrics)
+
+
+def dpo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tensor | None,
+                  n_tokens: torch.Tensor) -> LossOutput:
+    """DPO (sigmoid or IPO) on both cross-lingual directions of each pair."""
+    assert reference is not None, "dpo needs reference log-probs"
+    beta, variant = stage.beta, stage.dpo_variant
+    en = dpo_loss(policy[EN_CHOSEN], policy[EN_REJECTED], reference[EN_CHOSEN],
+                  reference[EN_REJECTED], beta=beta, variant=variant)
+    tgt = dpo_loss(policy[TGT_CHOSEN], policy[TGT_REJECTED], reference[TGT_CHOSEN],
+                   reference[TGT_REJECTED], beta=beta, variant=variant)
+    loss = en.loss + tgt.loss
+    if stage.pair_reduction == "mean":
+        loss = loss / 2
+    metrics = {f"en_{k}": v for k, v in en.metrics.items()}
+    metrics.update({f"target_{k}": v for k, v in tgt.metrics.items()})
+    metrics.update(train_loss=float(loss.detach()),
+                   target_nll=_token_nll(policy[TGT_CHOSEN], n_tokens[TGT_CHOSEN]),
+                   english_nll=_token_nll(policy[EN_CHOSEN], n_tokens[EN_CHOSEN]))
+    metrics.update(_direction_summary(metrics))
+    return LossOutput(loss, metrics)
+
+
+def sft_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tensor | None,
+                  n_tokens: torch.Tensor) -> LossOutput:
+    """NLL over every response of the micro-batch, reduced as the stage says."""
+    loss = sft_loss(policy.reshape(-1), n_tokens.reshape(-1), stage.nll_reduction)
+    metrics = {"train_loss": float(loss.detach())}
+    for row, name in enumerate(SFT_ROWS[stage.sft_data or "target"]):
+        metrics[name] = _token_nll(policy[row], n_tokens[row])
+    return LossOutput(loss, metrics)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "clo": clo_objective,
+    "dpo": dpo_objective,
+    "sft": sft_objective,
+}
+
+
+def language_metrics(objective: Objective, stage: StageSpec, policy: torch.Tensor,
+                     reference: torch.Tensor | None, n_tokens: torch.Tensor,
+                     languages: Sequence[str]) -> dict[str, tuple[dict[str, float], int]]:
+    """Metrics of each language's pairs within a micro-batch: ``{lang: (metrics, n_pairs)}``.
+
+    Multi-target trials report every metric per language as well (``sw/target_nll``), so a
+    sweep sees whether one language trains at the expense of another.
+    """
+    out: dict[str, tuple[dict[str, float], int]] = {}
+    with torch.no_grad():
+        for language in dict.fromkeys(languages):
+            cols = torch.tensor([lang == language for lang in languages], device=policy.device)
+            ref = reference[:, cols] if reference is not None else None
+            result = objective(stage, policy[:, cols].detach(), ref, n_tokens[:, cols])
+            out[language] = (result.metrics, int(cols.sum()))
+    return out
