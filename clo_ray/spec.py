@@ -250,8 +250,11 @@ def spec_hash(spec: SweepSpec) -> str:
     """A stable digest of the validated spec (defaults filled in): canonical JSON, sha256[:16].
 
     A run folder records it, so a changed spec cannot silently continue an existing run.
+    ``run.storage`` is left out: it names the run folder (made absolute against the working
+    directory at load time), it does not change what the run computes.
     """
     data = spec.model_dump(mode="json", by_alias=True)
+    data["run"].pop("storage", None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 

@@ -13,6 +13,7 @@ Nothing here imports torch or ray; the model and module-set names come from
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections.abc import Iterable
@@ -126,17 +127,30 @@ def check_storage_uri(value: str) -> str:
     return value
 
 
+def absolute_local(value: str) -> str:
+    """A local path made absolute against the current working directory; URIs and built-ins
+    unchanged. Ray's workers run in other directories, so a relative path must not travel."""
+    if "://" in value or value.startswith("builtin:"):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
 class RunSection(Section):
     """Where results go: ``<storage>/<name>`` (Ray's ``storage_path`` + experiment name)."""
 
     name: str
-    storage: str = "runs"  # relative paths are relative to the working directory
+    # relative paths are relative to the working directory (made absolute at load time)
+    storage: str = Field("runs", validate_default=True)
     seed: int = Field(0, ge=0)  # data subsets, held-out split, trial seeds
     # pyarrow.fs options for s3:// / gs:// (endpoint_override, region, ...); see clo_ray.storage
     storage_options: dict[str, str | int | float | bool] = {}
 
     _name = field_validator("name")(check_slug)
-    _storage = field_validator("storage")(check_storage_uri)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        return absolute_local(check_storage_uri(value))
 
     @property
     def uri(self) -> str:
@@ -169,7 +183,7 @@ class CorpusSection(Section):
     def _path(cls, value: str) -> str:
         if value.startswith("builtin:") and value != PARALLEL_SAMPLE_REF:
             raise problem("unknown built-in corpus", allowed=[PARALLEL_SAMPLE_REF])
-        return check_storage_uri(value)
+        return absolute_local(check_storage_uri(value))
 
 
 # ------------------------------------------------------------------------------ translator
@@ -250,6 +264,8 @@ class TranslatorSection(Section):
         found.raise_if_any()
         if self.backend == "parallel" and self.path is None:
             self.path = PARALLEL_SAMPLE_REF
+        if self.path is not None:
+            self.path = absolute_local(self.path)
         if self.backend in ("causal", "vllm") and self.prompt_template is None:
             self.prompt_template = DEFAULT_TRANSLATE_TEMPLATE
         return self
@@ -291,8 +307,7 @@ class ModelSpec(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        model_ref_kind(value)
-        return value
+        return absolute_local(value) if model_ref_kind(value) == "local" else value
 
     @model_validator(mode="after")
     def _label(self) -> ModelSpec:

@@ -100,7 +100,9 @@ class CellSearcher(Searcher):
 
     def __init__(self, spec: SweepSpec, *, metrics: Sequence[str], modes: Sequence[str],
                  study_prefix: str) -> None:
-        super().__init__(metric=metrics[0], mode=modes[0])
+        # No metric for Tune itself: it would demand it in every intermediate (training)
+        # report; the final report carries it and on_trial_complete reads it from there.
+        super().__init__(metric=None, mode=None)
         self.cells = grid_cells(spec)
         self.spaces = {c.key: optuna_space(spec, c.method) for c in self.cells}
         self.choices = {key: dist.choices for key, dist in spec.search.space.items()

@@ -14,7 +14,6 @@ import yaml
 from clo_ray.errors import SpecError
 from clo_ray.plan import build_plan, format_plan
 from clo_ray.spec import load_spec
-from clo_ray.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "sweeps" / "paper.yaml"
@@ -118,11 +117,6 @@ def test_cli_typo_exits_2_naming_the_key_without_traceback():
     assert "resources.workers_per_trail: unknown key" in result.stderr
     assert "did you mean 'workers_per_trial'?" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-
-
-def test_cli_without_plan_says_the_runner_is_not_there_yet(capsys):
-    assert main([str(SPECS / "minimal.yaml")]) == 2
-    assert "--plan" in capsys.readouterr().err
 
 
 def test_plan_path_imports_neither_torch_nor_ray():

@@ -4,6 +4,7 @@ fails before anything expensive with the YAML path, the bad value and the allowe
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ def test_every_sweep_yaml_validates(path: Path):
 
 def test_minimal_spec_takes_documented_defaults():
     spec = load_spec(SPECS / "minimal.yaml")
-    assert spec.run.storage == "runs" and spec.run.uri == "runs/minimal" and spec.run.seed == 0
+    # relative local paths become absolute (Ray workers run elsewhere), against the cwd
+    assert spec.run.storage == os.path.abspath("runs") and spec.run.seed == 0
+    assert spec.run.uri == os.path.abspath("runs/minimal")
     assert spec.corpus.format == "auto" and spec.corpus.source_language == "en"
     assert spec.translator.path == "builtin:parallel-sample"  # parallel backend's default
     assert spec.models[0].label == "tiny-llama" and spec.models[0].trust_remote_code is False
@@ -146,7 +149,7 @@ BAD = {  # id: (mutation, substrings the message must contain)
                        "builtin:NAME"]),
     "unknown_builtin_model": (_set("models", [{"name": "builtin:gpt5"}]),
                               ["models[0].name: unknown built-in model (got 'builtin:gpt5'; "
-                               "allowed: builtin:smollm2-135m, builtin:tiny-llama)"]),
+                               "allowed: builtin:smollm2-135m, builtin:tiny-llama"]),
     "duplicate_label": (_set("models", [{"name": "a/m"}, {"name": "b/m"}]),
                         ["models[1].label: label already used", "got 'm'"]),
     "negative_lr": (_sched(stage(lr=-1e-4)),

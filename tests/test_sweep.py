@@ -1,0 +1,146 @@
+"""The sweep end to end on tiny-llama (2 cells x 2 trials): real Ray Tune, Train, DeepSpeed.
+
+One module-scoped run does the expensive part: the sweep is started as users start it
+(``python -m clo_ray.sweep SPEC``), its driver is killed after the first trial finishes, and
+the same command is run again; the tests then read what landed in storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "tests" / "specs" / "tiny_sweep.yaml"
+pytestmark = pytest.mark.slow
+
+
+def write_spec(tmp: Path, **changes) -> Path:
+    data = yaml.safe_load(SPEC.read_text())
+    data["run"]["storage"] = str(tmp / "runs")
+    for key, value in changes.items():
+        section, field = key.split(".")
+        data[section][field] = value
+    path = tmp / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def sweep_command(spec: Path) -> list[str]:
+    return [sys.executable, "-m", "clo_ray.sweep", str(spec)]
+
+
+def finished_trials(tune_dir: Path) -> int:
+    states = sorted(tune_dir.glob("experiment_state-*.json"))
+    if not states:
+        return 0
+    text = states[-1].read_text()
+    return text.count('"TERMINATED"') + text.count('\\"TERMINATED\\"')
+
+
+def history(run_dir: Path) -> dict[str, list[dict]]:
+    out = {}
+    for path in sorted((run_dir / "trials").glob("*/history.jsonl")):
+        out[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def interrupted_and_resumed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    spec = write_spec(tmp)
+    run_dir = tmp / "runs" / "tiny"
+    log = open(tmp / "first.log", "w")
+    first = subprocess.Popen(sweep_command(spec), cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)  # its own process group: its local Ray too
+    deadline = time.time() + 600
+    while finished_trials(run_dir / "tune") < 1:
+        assert first.poll() is None, (tmp / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no trial finished in 10 minutes"
+        time.sleep(2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    first.wait()
+    before = history(run_dir)
+    cache = tmp / "runs" / "cache"
+    cached = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    done = subprocess.run(sweep_command(spec), cwd=tmp, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"tmp": tmp, "spec": spec, "run_dir": run_dir, "before": before,
+            "after": history(run_dir), "cached": cached,
+            "cache_now": {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}}
+
+
+def test_every_trial_lands_in_results_and_cells_learn_only_their_own(interrupted_and_resumed):
+    run_dir = interrupted_and_resumed["run_dir"]
+    results = pq.read_table(run_dir / "results.parquet").to_pylist()
+    trials = [r for r in results if r["method"] != "base"]
+    assert len(trials) == 4 and all(r["status"] == "completed" for r in trials)
+    assert sorted(r["method"] for r in trials) == ["clo", "clo", "sft", "sft"]
+    assert all(0.0 <= r["target_fidelity"] <= 1.0 for r in trials)
+    assert all(r["target_nll"] > 0 for r in trials)
+    assert [r["budget"] for r in results if r["method"] == "base"] == [0]
+    state = json.loads(sorted((run_dir / "tune").glob("searcher-state-*.pkl"))[-1].read_text())
+    for cell, seen in state["finished"].items():
+        method = cell.split("/")[2]
+        lrs = {json.loads(r["params"])["lr"] for r in trials if r["method"] == method}
+        assert {t["params"]["lr"] for t in seen} == lrs  # only its own cell's trials
+
+
+def test_report_files_exist_and_the_png_opens(interrupted_and_resumed):
+    import matplotlib.image
+
+    run_dir = interrupted_and_resumed["run_dir"]
+    report = (run_dir / "report.md").read_text()
+    assert "| tiny-llama |" in report and "CLO / SFT" in report
+    image = matplotlib.image.imread(run_dir / "budget_curves_target_fidelity.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_resume_reruns_no_finished_trial_and_hits_the_caches(interrupted_and_resumed):
+    before, after = interrupted_and_resumed["before"], interrupted_and_resumed["after"]
+    finished = [name for name, rows in before.items()
+                if rows and rows[-1].get("stage_step") == rows[-1].get("stage_steps")]
+    assert finished, before
+    for name in finished:  # a finished trial's training was not run again
+        assert after[name] == before[name]
+    # reference log-probs: computed once for the clo cell's data (8 pairs), then only read
+    computed = {row["reference_computed"] for name, rows in after.items() if "-clo-" in name
+                for row in rows}
+    assert computed == {0, 8}, after
+    # translations and reference log-probs written by the first run are untouched, none added
+    cached, now = interrupted_and_resumed["cached"], interrupted_and_resumed["cache_now"]
+    for kind in ("translations", "reference"):
+        old = {p: t for p, t in cached.items() if f"/{kind}/" in str(p)}
+        new = {p: t for p, t in now.items() if f"/{kind}/" in str(p)}
+        assert old and new == old, kind
+
+
+def test_a_changed_spec_under_the_same_run_name_is_refused(interrupted_and_resumed):
+    tmp = interrupted_and_resumed["tmp"]
+    changed = write_spec(tmp, **{"evaluation.max_prompts": 3})
+    done = subprocess.run(sweep_command(changed), cwd=tmp, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert "was started with a different spec" in done.stderr and "run.name" in done.stderr
+
+
+def test_readme_api_example(interrupted_and_resumed):
+    """The README's Python example, on the finished tiny run (restored: nothing re-runs)."""
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(from clo_ray import.*?)```", readme, re.S).group(1)
+    code = code.replace("sweeps/smoke.yaml", str(interrupted_and_resumed["spec"]))
+    done = subprocess.run([sys.executable, "-c", code], cwd=interrupted_and_resumed["tmp"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'method': " in done.stdout
