@@ -69,7 +69,7 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
     from clo_ray.data.corpus import load_corpus
     from clo_ray.data.translate import translate_corpus
     from clo_ray.report import build_report, load_results
-    from clo_ray.train.trainer import prepare_pairs
+    from clo_ray.train.trainer import prepare_pairs, ray_runtime_env
     from clo_ray.tune import build_tuner, results_table
 
     claim_run(spec)
@@ -79,7 +79,8 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
                          max_rows=spec.corpus.max_rows, storage_options=options)
     check_corpus_size(spec, len(corpus), spec.corpus.path)  # before anything expensive
     if not ray.is_initialized():
-        ray.init()  # a cluster when RAY_ADDRESS is set (ray job submit), else local
+        # a cluster when RAY_ADDRESS is set (ray job submit), else local
+        ray.init(runtime_env=ray_runtime_env())
     if only in (None, "translate"):
         translate_corpus(spec, corpus=corpus)
     if only in (None, "pairs"):

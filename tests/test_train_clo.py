@@ -26,7 +26,7 @@ from conftest import sample_translations
 from clo_ray.models import resolve_model, select_parameters
 from clo_ray.spec import load_spec
 from clo_ray.train.checkpoint import export_model, load_model, load_trained, read_manifest
-from clo_ray.train.trainer import read_history, run_training
+from clo_ray.train.trainer import ray_runtime_env, read_history, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def samples(storage: Path, name: str, rank: int) -> list[dict]:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4)
+    ray.init(num_cpus=4, runtime_env=ray_runtime_env())
     yield
     ray.shutdown()
 

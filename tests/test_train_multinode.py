@@ -7,7 +7,7 @@ from conftest import sample_translations
 
 from clo_ray.spec import load_spec
 from clo_ray.train.checkpoint import read_manifest
-from clo_ray.train.trainer import run_training
+from clo_ray.train.trainer import ray_runtime_env, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def two_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
+    ray.init(address=cluster.address, runtime_env=ray_runtime_env())
     yield cluster
     ray.shutdown()
     cluster.shutdown()

@@ -16,7 +16,7 @@ from clo_ray.spec import load_spec
 from clo_ray.train.batches import encode_examples
 from clo_ray.train.checkpoint import export_model
 from clo_ray.train.reference import compute_reference_logps
-from clo_ray.train.trainer import prepare_pairs, run_training
+from clo_ray.train.trainer import prepare_pairs, ray_runtime_env, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def test_clo_raises_held_out_preference_accuracy(smollm2_cut, tmp_path):
     base = held_out_logps(smollm2_cut, eval_table)
     start = preference_accuracy(base, base)  # no preference yet: every margin is 0
 
-    ray.init(num_cpus=4)
+    ray.init(num_cpus=4, runtime_env=ray_runtime_env())
     try:
         result = run_training(spec, model=str(smollm2_cut), languages=["sw"], method="clo",
                               budget=BUDGET, translations=translations, run_name="smol")

@@ -66,14 +66,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train every stage of ``config["stages"]`` on this worker (see the module docstring)."""
     # ---- 1. process set-up
-    worker.setup_worker_process()
+    train, resources = config["train"], config["resources"]
+    worker.setup_worker_process(resources["cpus_per_worker"])
     prepare_cpu_deepspeed()
     import deepspeed
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     stages = [StageSpec.model_validate(stage) for stage in config["stages"]]
-    train, resources = config["train"], config["resources"]
     dtype = DTYPES[resources["precision"]]
 
     # ---- 2. model, tokenizer, pairs
