@@ -27,3 +27,9 @@ class LanguageError(CloRayError):
 
 class StorageError(CloRayError, ValueError):
     """A storage URI is unusable (unknown scheme, no bucket, unwritable location)."""
+
+
+class StorageWriteError(StorageError, OSError):
+    """An output could not be written (disk full, no permission, ...). A StorageError (the
+    message names the target and what to do), and still an OSError (``errno`` kept), like
+    ``io.UnsupportedOperation``, so code that catches the filesystem's own error keeps working."""

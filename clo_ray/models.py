@@ -1,4 +1,4 @@
-"""Model references and trainable-module selectors.
+"""Model references and parameter counts (trainable-module selectors: re-exported).
 
 A sweep names its models as strings; :func:`resolve_model` turns one into a local directory
 that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load:
@@ -8,10 +8,9 @@ that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretraine
 - a hub id ``owner/name``, for users with hub access (downloaded into the Hugging Face cache,
   so models fetched earlier with ``huggingface-cli download`` are found offline).
 
-CLO trains different parts of the model in different stages (the paper's attention-only
-stage, then the full model), so :func:`select_parameters` maps named module sets
-(``attention``, ``mlp``, ...) to parameter names. Selection is by name only: the training
-code selects before ``deepspeed.initialize``, and ZeRO-3 reshapes every parameter to ``[0]``.
+:func:`parameter_count` sizes a model for plans and reports without loading its weights.
+The trainable-module selectors (:func:`select_parameters`, :data:`MODULE_SETS`) live in
+:mod:`clo_ray.module_selectors` and are re-exported here, where callers have always found them.
 
 This module imports neither torch nor transformers at import time, so the spec validator
 can use :data:`BUILTIN_MODELS` and :func:`is_builtin` cheaply.
@@ -19,21 +18,30 @@ can use :data:`BUILTIN_MODELS` and :func:`is_builtin` cheaply.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
 import os
 import re
 import struct
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from clo_ray.builtin_models import BUILTINS, materialize
-from clo_ray.errors import ModelResolutionError, ModuleSelectionError
+from clo_ray.errors import ModelResolutionError
+from clo_ray.module_selectors import (  # re-exported: the selectors' historical home
+    ARCHITECTURE_TABLES,
+    LLAMA_STYLE_TYPES,
+    MODULE_SETS,
+    select_parameters,
+)
 
 logger = logging.getLogger(__name__)
+__all__ = [
+    "ARCHITECTURE_TABLES", "BUILTIN_MODELS", "BUILTIN_PREFIX", "KNOWN_PARAMETER_COUNTS",
+    "MODULE_SETS", "default_cache_dir", "is_builtin", "llama_style_parameter_count",
+    "parameter_count", "resolve_model", "select_parameters",
+]
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS: dict[str, str] = {name: spec.description for name, spec in BUILTINS.items()}
@@ -228,7 +236,6 @@ KNOWN_PARAMETER_COUNTS: dict[str, int] = {
     "facebook/m2m100_1.2B": 1_239_470_080,
     "facebook/m2m100_418M": 483_905_536,
 }
-_LLAMA_STYLE = ("llama", "mistral", "qwen2")
 
 
 def parameter_count(ref: str) -> int | None:
@@ -264,7 +271,7 @@ def llama_style_parameter_count(config: dict[str, Any]) -> int | None:
 
     Qwen2 has q/k/v biases; Llama/Mistral have them only when ``attention_bias`` is set.
     """
-    if config.get("model_type") not in _LLAMA_STYLE:
+    if config.get("model_type") not in LLAMA_STYLE_TYPES:
         return None
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
@@ -296,141 +303,3 @@ def _safetensors_parameter_count(path: Path) -> int | None:
             if name != "__metadata__":
                 total += math.prod(info["shape"])
     return total
-
-
-# ---------------------------------------------------------------------------- selectors
-
-MODULE_SETS = ("attention", "mlp", "embeddings", "norms", "lm_head", "all")
-# Each parameter belongs to the first set whose pattern it matches (re.search on the full
-# name, so wrapper prefixes such as ``module.`` or ``base_model.model.`` do not matter).
-_LLAMA_TABLE: tuple[tuple[str, str], ...] = (
-    # q/k/v/o weights, and the q/k/v biases that Qwen2 has (and Llama with attention_bias)
-    ("attention", r"(^|\.)self_attn\.[qkvo]_proj\.(weight|bias)$"),
-    ("mlp", r"(^|\.)mlp\.(gate|up|down)_proj\.(weight|bias)$"),
-    ("embeddings", r"(^|\.)embed_tokens\.weight$"),
-    ("norms", r"(^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$"),
-    ("lm_head", r"(^|\.)lm_head\.weight$"),
-)
-ARCHITECTURE_TABLES: dict[str, tuple[tuple[str, str], ...]] = dict.fromkeys(
-    _LLAMA_STYLE, _LLAMA_TABLE
-)
-# Unknown architectures: keyword patterns. Norms come first because some norms live inside
-# attention/MLP blocks (BERT's attention.output.LayerNorm) and must not be trained as such.
-_FALLBACK_TABLE: tuple[tuple[str, str], ...] = (
-    ("norms", r"((?i:norm)|(^|\.)ln_?\w*)\.(weight|bias)$"),
-    ("embeddings", r"(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in)\.weight$"),
-    ("lm_head", r"(^|\.)(lm_head|embed_out|output)\.weight$"),
-    ("attention", r"(attn|attention)"),
-    ("mlp", r"(mlp|ffn|feed_forward|fc1|fc2)"),
-)
-# The block index in a parameter name: Llama ``layers.3.``, BERT ``layer.3.``, GPT-2 ``h.3.``
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-
-
-def select_parameters(
-    model_or_named_params: Any,
-    modules: Sequence[str],
-    *,
-    layers: tuple[int, int] | None = None,
-    regex: str | None = None,
-    model_type: str | None = None,
-) -> list[str]:
-    """Names of the parameters to train: the union of ``modules`` sets and ``regex`` matches.
-
-    ``model_or_named_params`` is a model (``named_parameters()`` and ``config.model_type``
-    are read), or an iterable of ``(name, param)`` pairs or plain names: only names are used.
-    ``layers=(start, end)`` (end exclusive) keeps only parameters inside those transformer
-    blocks; embeddings, final norm and lm_head are outside every block and so are dropped
-    (layer-wise CLO trains blocks; ask for them without ``layers`` to train them).
-    Every selector must match something, or ModuleSelectionError says which and why.
-    """
-    names = _parameter_names(model_or_named_params)
-    model_type = model_type or _model_type_of(model_or_named_params)
-    table = ARCHITECTURE_TABLES.get(model_type or "", _FALLBACK_TABLE)
-    fallback = table is _FALLBACK_TABLE
-    context = _describe(
-        f"{model_type or 'unknown'} (regex fallback)" if fallback else model_type, names
-    )
-    _check_sets(modules)
-    if not modules and regex is None:
-        raise ModuleSelectionError(f"no module set or regex given; {context}")
-    candidates = _in_layers(names, layers, context) if layers is not None else names
-    chosen: set[str] = set()
-    for module in modules:
-        hits = [n for n in candidates if module == "all" or _classify(n, table) == module]
-        _require(hits, f"module set {module!r}", layers, context)
-        chosen.update(hits)
-    if regex is not None:
-        pattern = _compile(regex, context)
-        hits = [n for n in candidates if pattern.search(n)]
-        _require(hits, f"regex {regex!r}", layers, context)
-        chosen.update(hits)
-    return [n for n in names if n in chosen]
-
-
-def _describe(model_type: str | None, names: list[str]) -> str:
-    """What every selection error says about the model: its type and a few parameter names."""
-    picks = names[:4] + names[-2:] if len(names) > 6 else names
-    return f"model_type {model_type!r}; example parameter names: {picks}"
-
-
-def _parameter_names(source: Any) -> list[str]:
-    pairs: Iterable[Any] = getattr(source, "named_parameters", lambda: source)()
-    names = [item if isinstance(item, str) else item[0] for item in pairs]
-    if not names:
-        raise ModuleSelectionError("the model has no parameters to select from")
-    return names
-
-
-def _model_type_of(source: Any) -> str | None:
-    config = getattr(source, "config", None)
-    return getattr(config, "model_type", None)
-
-
-def _classify(name: str, table: tuple[tuple[str, str], ...]) -> str | None:
-    return next((module for module, pattern in table if re.search(pattern, name)), None)
-
-
-def _check_sets(modules: Sequence[str]) -> None:
-    if isinstance(modules, str):  # "attention" would otherwise be read as 9 set names
-        raise ModuleSelectionError(f"modules must be a list of set names, got {modules!r}")
-    for module in modules:
-        if module not in MODULE_SETS:
-            close = difflib.get_close_matches(module, MODULE_SETS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ModuleSelectionError(
-                f"unknown module set {module!r}{hint}; valid sets: {', '.join(MODULE_SETS)}"
-            )
-
-
-def _compile(regex: str, context: str) -> re.Pattern[str]:
-    try:
-        return re.compile(regex)
-    except re.error as err:
-        raise ModuleSelectionError(f"invalid regex {regex!r}: {err}; {context}") from None
-
-
-def _in_layers(names: list[str], layers: tuple[int, int], context: str) -> list[str]:
-    start, end = layers
-    if not 0 <= start < end:
-        raise ModuleSelectionError(f"layers={layers} must satisfy 0 <= start < end (end exclusive)")
-    indices = {n: int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
-    inside = [n for n in names if n in indices and start <= indices[n] < end]
-    if not inside:
-        present = sorted(set(indices.values()))
-        span = f"{present[0]}..{present[-1]}" if present else "none found"
-        raise ModuleSelectionError(
-            f"layers={layers} matches no transformer block (block indices: {span}); {context}"
-        )
-    return inside
-
-
-def _require(hits: list[str], selector: str, layers: tuple[int, int] | None, context: str) -> None:
-    if hits:
-        return
-    why = ""
-    if layers is not None:
-        why = f" within layers={layers} (embeddings, final norm and lm_head are outside blocks)"
-    elif "lm_head" in selector:
-        why = " (if the model ties lm_head to its embeddings, there is no lm_head parameter)"
-    raise ModuleSelectionError(f"{selector} matched no parameter{why}; {context}")

@@ -10,7 +10,8 @@ The contract with the sweep: ``results.parquet``, one row per trial (:data:`RESU
 - cell: ``run``, ``trial_id``, ``model`` (the model label), ``language`` (the target; a
   multi-target trial joins its languages with "+", e.g. ``sw+yo``, and gets its own column),
   ``method`` (``clo``, ``sft``, ``sft_dpo``, ...), ``budget`` (training pairs);
-- ``status``: ``completed`` | ``stopped`` (early-stopped by ASHA) | ``failed``;
+- ``status``: ``completed`` | ``stopped`` (early-stopped by ASHA: not evaluated, its metrics
+  null, its ``train_seconds`` the time until it was stopped) | ``failed``;
 - ``params``: JSON of the trial's sampled hyper-parameters (``{"lr": 1e-4, "schedule": "clo"}``);
 - ``checkpoint`` (URI or null), ``train_seconds``, ``train_tokens``: what the trial cost;
 - metrics, float, null when not measured: ``objective`` and :data:`METRIC_COLUMNS`; shares and
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,22 @@ RESULTS_SCHEMA = pa.schema(
      ("status", pa.string()), ("params", pa.string()), ("checkpoint", pa.string()),
      ("train_seconds", pa.float64()), ("train_tokens", pa.int64())]
     + [(name, pa.float64()) for name in METRIC_COLUMNS])
+# Metrics a trial reports beyond METRIC_COLUMNS that results.parquet keeps, by name prefix:
+# lm-eval's (clo_ray.eval.lm_eval: ``lm_eval.<task>``, ``lm_eval.<task>.<metric>``).
+EXTRA_METRIC_PREFIXES = ("lm_eval.",)
+
+
+def extra_metric_names(names: Iterable[str]) -> list[str]:
+    """The names among ``names`` that results.parquet carries as extra float columns."""
+    return sorted({n for n in names if n.startswith(EXTRA_METRIC_PREFIXES)
+                   and n not in RESULTS_SCHEMA.names})
+
+
+def results_schema(extra: Sequence[str] = ()) -> pa.Schema:
+    """:data:`RESULTS_SCHEMA` plus float64 columns ``extra`` (from :func:`extra_metric_names`)."""
+    return pa.schema(list(RESULTS_SCHEMA) + [pa.field(n, pa.float64()) for n in extra])
+
+
 # Without these a row cannot be placed in a table; every other column may be absent.
 REQUIRED_COLUMNS = ("run", "trial_id", "model", "language", "method", "budget", "status")
 # STATUSES, RANKED_STATUSES, BASE_METHOD and the method/percent tables live in

@@ -19,7 +19,9 @@ import pyarrow as pa
 from clo_ray.languages import PAPER_LANGUAGES
 
 STATUSES = ("completed", "stopped", "failed")
-RANKED_STATUSES = ("completed", "stopped")  # a stopped trial was evaluated too
+# A stopped trial ranks only by what was measured on it: the sweep leaves its held-out metrics
+# null (ASHA stops it before the evaluation); a results file from elsewhere may fill them.
+RANKED_STATUSES = ("completed", "stopped")
 BASE_METHOD = "base"
 PERCENT_METRICS = frozenset({"target_fidelity", "english_retention", "preference_accuracy",
                              "judge_win_rate", "english_judge_win_rate"})

@@ -20,7 +20,8 @@ METRICS: dict[str, str] = {
     "english_retention": "share of held-out English prompts still answered in English",
     "target_nll": "held-out target-language response NLL per token (lower is better)",
     "english_nll": "held-out English response NLL per token (lower is better)",
-    "preference_accuracy": "held-out pairs whose implicit reward prefers the same language",
+    "preference_accuracy": "share of held-out CLO pairs whose implicit reward prefers the "
+                           "prompt's language in both directions",
     "reward_margin": "mean held-out implicit reward margin, chosen - rejected",
     "judge_win_rate": "LLM-judge win rate on target prompts (the paper's headline metric)",
     "english_judge_win_rate": "LLM-judge win rate on English prompts (English retention)",
@@ -35,7 +36,14 @@ TRAINING_METRICS = ("train_loss", "target_nll", "english_nll", "preference_accur
 
 
 class JudgeSection(Section):
-    """LLM-as-judge pairwise win rate, as the paper's AlpacaEval-style evaluation (opt-in)."""
+    """LLM-as-judge pairwise win rate, as the paper's AlpacaEval-style evaluation (opt-in).
+
+    Judged after the tune stage (:mod:`clo_ray.eval.judge_stage`), once for all trials: the
+    opponent (the best SFT trial of the same model, language and budget, or the base model)
+    may finish after the trial it is compared with, and one judge load serves every pair.
+    So Optuna never sees judge metrics while it searches, and an objective that weights them
+    is completed in results.parquet by that stage.
+    """
 
     enabled: bool = False
     model: str | None = None  # the judge model; required when enabled
@@ -58,10 +66,44 @@ class JudgeSection(Section):
 
 
 class LmEvalSection(Section):
-    """lm-evaluation-harness tasks (e.g. the paper's MMMLU, BELEBELE); each is a metric."""
+    """lm-evaluation-harness tasks (e.g. Global-MMLU, BELEBELE, MMMLU) on each trial's exported
+    model; off while ``tasks`` is empty. Each task becomes the metric ``lm_eval.<task>`` (its
+    main metric) plus ``lm_eval.<task>.<metric>`` for every metric it computes (see
+    :mod:`clo_ray.eval.lm_eval`). The datasets must be readable offline where trials run
+    (the hub cache, or a task of your own in ``include_path`` reading local files)."""
 
     tasks: list[str] = []
-    limit: int | None = Field(None, gt=0)  # examples per task
+    include_path: str | None = None  # a local folder of your own task YAMLs
+    limit: int | None = Field(None, gt=0)  # examples per task (None: all)
+    num_fewshot: int | None = Field(None, ge=0)  # None: each task's own default
+    batch_size: int = Field(8, gt=0)
+    apply_chat_template: bool = False  # for chat models on tasks written for them
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, value: list[str]) -> list[str]:
+        found = Problems()
+        for i, task in enumerate(value):
+            if not task.strip() or any(c in task for c in "./ "):
+                found.add((i,), "an lm-eval task name (no '.', '/' or spaces: it becomes "
+                          "part of the metric name lm_eval.<task>)", value=task)
+            elif task in value[:i]:
+                found.add((i,), "listed twice", value=task)
+        found.raise_if_any()
+        return value
+
+    @field_validator("include_path")
+    @classmethod
+    def _include_path(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise problem("lm-eval reads task YAMLs from a local folder, not from object "
+                          "storage: copy them next to the spec (shipped with the job's "
+                          "working directory)", value=value)
+        return value
 
 
 class ObjectiveSection(Section):

@@ -152,6 +152,19 @@ class RunSection(Section):
     def _storage(cls, value: str) -> str:
         return absolute_local(check_storage_uri(value))
 
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # the spec is saved in the run folder and Tune's state: a key there is a leaked key
+        from clo_ray.storage import credential_options
+
+        if secret := credential_options(value):
+            raise problem("credentials do not belong in the spec (it is written into the run "
+                          "folder): give them through the environment (AWS_ACCESS_KEY_ID / "
+                          "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, an instance role or "
+                          "service account), which Ray workers inherit", value=secret)
+        return value
+
     @property
     def uri(self) -> str:
         """The run's own folder or prefix."""

@@ -158,6 +158,10 @@ class ResourcesSection(Section):
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     max_failures: int = Field(0, ge=0)  # trial retries (Ray FailureConfig; 0 = Ray's default)
+    # What the trial's own process (Tune function trainable, and so the Train controller Ray
+    # places beside it) asks for, on top of one CPU: e.g. {on_demand: 1} keeps trials and
+    # controllers off spot nodes on the clusters/ configs, which advertise that resource.
+    trial_resources: dict[str, float] = {}
     # For the plan's cost estimate only (default: 400 TFLOP/s per GPU, see clo_ray.plan)
     assumed_tflops_per_worker: float | None = Field(None, gt=0)
 
@@ -167,6 +171,10 @@ class ResourcesSection(Section):
         if self.precision == "fp16" and self.gpus_per_worker == 0:
             found.add("precision", "DeepSpeed refuses fp16 on CPU (gpus_per_worker is 0)",
                       allowed=["bf16", "fp32"], value="fp16")
+        for name, amount in self.trial_resources.items():
+            if amount < 0 or name == "GPU":
+                found.add(("trial_resources", name), "must be >= 0, and a trial's own process "
+                          "holds no GPU (its train workers do: gpus_per_worker)", value=amount)
         need = {"optimizer": 1, "optimizer_and_params": 3}.get(self.offload, 0)
         if self.zero_stage < need:
             found.add("offload", f"offloading {self.offload.replace('_', ' ')} needs "

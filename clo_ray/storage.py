@@ -7,6 +7,8 @@ half-written file that a later run would mistake for a finished one (writes are 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import posixpath
 import uuid
@@ -18,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from clo_ray.errors import StorageError
+from clo_ray.errors import StorageError, StorageWriteError
 
 StorageOptions = dict[str, Any] | None
 
@@ -32,6 +34,16 @@ _S3_ALIASES = {
     "token": "session_token",
     "region_name": "region",
 }
+# Options that carry a credential (pyarrow's names and the aliases above). The spec is written
+# into the run folder and travels in Tune's experiment state, so these must come from the
+# environment (AWS SDK chain, GCS service account), never from run.storage_options.
+CREDENTIAL_OPTIONS = frozenset({"access_key", "secret_key", "session_token", "access_token",
+                                "key", "secret", "token"})
+# The AWS SDK's credential variables: every Ray process of a node inherits them from its
+# raylet (or the job's runtime_env), nothing of ours copies them anywhere (see
+# clo_ray.tune.keep_credentials_out_of_ray_logs).
+CREDENTIAL_ENV_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                 "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
 
 
 def _scheme(uri: str) -> str:
@@ -60,6 +72,11 @@ def _s3_options(storage_options: StorageOptions) -> dict[str, Any]:
             endpoint = parsed.netloc + parsed.path.rstrip("/")
         opts["endpoint_override"] = endpoint
     return opts
+
+
+def credential_options(storage_options: StorageOptions) -> list[str]:
+    """The keys of ``storage_options`` that hold a secret (see CREDENTIAL_OPTIONS), sorted."""
+    return sorted(k for k in storage_options or {} if k.lower() in CREDENTIAL_OPTIONS)
 
 
 def _make_filesystem(scheme: str, storage_options: StorageOptions) -> pafs.FileSystem:
@@ -141,25 +158,59 @@ def _write_atomic(
     temp object and move (copy + delete) it only after the writer succeeded. On failure the
     temp is removed and the target is untouched. The temp name starts with "." so dataset
     readers (Arrow, Ray Data) skip it while it exists.
+
+    A failed write (disk full, a file-size limit, no permission, a file where a folder
+    should be, an object store refusing the upload) raises :class:`StorageWriteError`
+    naming ``uri``: the stages' own messages and a user's traceback then say *which* output
+    could not be written, where a bare ``OSError`` would name at most a temp file.
     """
     fs, path = resolve(uri, storage_options)
     suffix = f".tmp-{uuid.uuid4().hex[:12]}"
-    if isinstance(fs, pafs.LocalFileSystem):
-        parent, name = os.path.split(path)
-        _write_local(path, os.path.join(parent, f".{name}{suffix}"), write)
-        return
-    parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f".{name}{suffix}")
     try:
-        with fs.open_output_stream(tmp) as out:
-            write(out)
-        fs.move(tmp, path)
-    except BaseException:
-        _delete_quietly(fs, tmp)
+        if isinstance(fs, pafs.LocalFileSystem):
+            parent, name = os.path.split(path)
+            _write_local(path, os.path.join(parent, f".{name}{suffix}"), write)
+            return
+        parent, name = posixpath.split(path)
+        tmp = posixpath.join(parent, f".{name}{suffix}")
+        try:
+            with fs.open_output_stream(tmp) as out:
+                write(out)
+            fs.move(tmp, path)
+        except BaseException:
+            _delete_quietly(fs, tmp)
+            raise
+    except StorageWriteError:
         raise
+    except OSError as exc:  # pyarrow's ArrowIOError is an OSError too
+        raise _write_error(uri, exc) from exc
+
+
+_WRITE_CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is larger than the filesystem or the process (ulimit -f) allows",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a file stands where a folder is needed",
+    errno.EEXIST: "a file stands where a folder is needed",
+}
+
+
+def _write_error(uri: str, exc: OSError) -> StorageWriteError:
+    cause = _WRITE_CAUSES.get(exc.errno or 0, "the write failed")
+    error = StorageWriteError(
+        f"cannot write {uri}: {cause} ({exc}); no partial file was left and an earlier "
+        "version, if any, is untouched. Free space or fix the location (run.storage, "
+        "run.storage_options), then re-run: finished outputs are kept, not computed again")
+    error.errno = exc.errno
+    return error
 
 
 def _write_local(path: str, tmp: str, write: Callable[[BinaryIO], object]) -> None:
+    """Local half of :func:`_write_atomic`: the temp file is fsynced before the rename, so a
+    crash or full disk leaves the old file or the new one, and a failed temp is removed."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         with open(tmp, "wb") as out:
@@ -168,7 +219,7 @@ def _write_local(path: str, tmp: str, write: Callable[[BinaryIO], object]) -> No
             os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):  # the write's error matters more
             os.remove(tmp)
         raise
 

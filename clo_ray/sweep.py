@@ -1,7 +1,8 @@
 """``python -m clo_ray.sweep SPEC``: the whole method, each stage over storage, resumable.
 
     spec -> corpus -> translate (cached) -> pairs (cached) -> tune (per trial: reference
-    log-probs once per data set, cached; train; evaluate) -> report
+    log-probs once per data set, cached; train; evaluate) -> judge (LLM-judge win rates
+    against the cell's SFT trial, when enabled) -> report
 
 Launch on a Ray cluster with ``ray job submit --working-dir . -- python -m clo_ray.sweep
 sweeps/paper.yaml``, or locally with ``python -m clo_ray.sweep sweeps/smoke.yaml``; relative
@@ -26,7 +27,7 @@ from clo_ray import storage
 from clo_ray.errors import CloRayError, SpecError
 from clo_ray.spec import SweepSpec, check_corpus_size, spec_hash
 
-STAGES = ("translate", "pairs", "tune", "report")
+STAGES = ("translate", "pairs", "tune", "judge", "report")
 SPEC_FILE, RESULTS_FILE = "spec.yaml", "results.parquet"
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,33 @@ def claim_run(spec: SweepSpec) -> None:
     storage.write_bytes_atomic(uri, text.encode(), options)
 
 
+def start_ray(runtime_env: dict[str, Any]) -> None:
+    """Join the cluster Ray would join (RAY_ADDRESS, as ``ray job submit`` sets, or the last
+    ``ray start`` on this host), else start a local one that knows its own dashboard.
+
+    Under ``ray job submit`` our env vars are merged into the job's runtime env (its
+    working_dir stays). A local Ray gets RAY_API_SERVER_ADDRESS: Ray Train's placement-group
+    cleaner frees a stopped trial's worker bundles (every trial ASHA stops) through the state
+    API, which without an address guesses, and with several Ray instances on the host picks
+    the wrong one or fails: the CPUs stay reserved and later trials wait forever.
+    """
+    import os
+    import socket
+
+    import ray
+    from ray._private.utils import read_ray_address
+
+    if os.environ.get("RAY_ADDRESS") or read_ray_address():
+        ray.init(runtime_env=runtime_env)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}),
+                                       "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env)
+
+
 def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
     """Run the sweep (or one stage); returns Tune's ResultGrid when the tune stage ran."""
     import ray
@@ -69,7 +97,7 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
     from clo_ray.data.corpus import load_corpus
     from clo_ray.data.translate import translate_corpus
     from clo_ray.report import build_report, load_results
-    from clo_ray.train.trainer import prepare_pairs, ray_runtime_env
+    from clo_ray.train.trainer import driver_runtime_env, prepare_pairs
     from clo_ray.tune import build_tuner, results_table
 
     claim_run(spec)
@@ -78,9 +106,8 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
                          source_language=spec.corpus.source_language,
                          max_rows=spec.corpus.max_rows, storage_options=options)
     check_corpus_size(spec, len(corpus), spec.corpus.path)  # before anything expensive
-    if not ray.is_initialized():
-        # a cluster when RAY_ADDRESS is set (ray job submit), else local
-        ray.init(runtime_env=ray_runtime_env())
+    if only in (None, "translate", "pairs", "tune") and not ray.is_initialized():
+        start_ray(driver_runtime_env())
     if only in (None, "translate"):
         translate_corpus(spec, corpus=corpus)
     if only in (None, "pairs"):
@@ -92,6 +119,10 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
     if only in (None, "tune"):
         grid = build_tuner(spec).fit()
         storage.write_parquet_atomic(results_uri, results_table(grid, spec), options)
+    if only in (None, "judge"):  # after tune: a trial's SFT opponent may finish after it
+        from clo_ray.eval.judge_stage import run_judge_stage
+
+        run_judge_stage(spec)
     if only in (None, "report"):
         files = build_report(load_results(results_uri, options), spec.run.uri,
                              metrics=spec.report.metrics or None, mode=spec.search.mode,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from clo_ray.spec import SweepSpec
@@ -198,6 +199,59 @@ class CellSearcher(Searcher):
                                else optuna.trial.TrialState.FAIL)))
             self._studies[cell.key] = study
         return self._studies[cell.key]
+
+
+class CellScheduler(FIFOScheduler):
+    """ASHA early stopping among the trials of one grid cell, never across cells.
+
+    All cells run in one Tune experiment, so a single ASHA would rank an SFT trial's training
+    NLL against a CLO trial's (or a 100-pair budget against a 1000-pair one) at the same rung
+    and stop whole cells of the grid. This keeps one ASHA per cell, as one Optuna study.
+
+    Rungs count training steps (the ``step`` every training report carries), starting at
+    ``grace_period`` reports of ``report_every`` steps: the trial's final report (held-out
+    evaluation, no ``step``) never enters a rung, so held-out and training values are never
+    compared, and a trial resumed after a crash keeps its place. There is no step cap
+    (``max_t``): a trial that survives the rungs runs its schedule out.
+    """
+
+    NO_CAP = 10**9  # steps; ASHA needs a max_t, the schedule is the real end
+
+    def __init__(self, *, metric: str, mode: str, grace_period_steps: int,
+                 reduction_factor: float) -> None:
+        super().__init__()
+        self.options = dict(time_attr="step", metric=metric, mode=mode,
+                            grace_period=grace_period_steps, reduction_factor=reduction_factor,
+                            max_t=max(self.NO_CAP, grace_period_steps), stop_last_trials=False)
+        self.cells: dict[str, ASHAScheduler] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True  # the metric comes from the sweep spec (search.scheduler)
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._cell(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return self._cell(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._cell(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self._cell(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._cell(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        stopped = sum(s._num_stopped for s in self.cells.values())
+        return f"CellScheduler: ASHA in {len(self.cells)} cell(s), {stopped} trial(s) stopped"
+
+    def _cell(self, trial: Any) -> TrialScheduler:
+        key = cell_of(trial.config).key
+        if key not in self.cells:
+            self.cells[key] = ASHAScheduler(**self.options)
+        return self.cells[key]
 
 
 def searcher_metrics(spec: SweepSpec) -> tuple[list[str], list[str]]:

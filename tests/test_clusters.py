@@ -162,6 +162,24 @@ def test_paper_trial_and_translators_fit_a_node_type(cloud):
 
 
 @pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_paper_trials_ask_for_what_only_on_demand_nodes_have(cloud):
+    """A trial's own process (and so its Train controller) must never land on a spot node:
+    paper.yaml's trial_resources name a resource that on-demand types have and spot types lack."""
+    from clo_ray.spec import load_spec
+    from clo_ray.tune import trial_resources
+
+    asked = trial_resources(load_spec(ROOT / "sweeps" / "paper.yaml"))
+    custom = {k for k in asked if k not in ("CPU", "GPU", "memory")}
+    assert custom, "paper.yaml should pin trials to on-demand nodes (resources.trial_resources)"
+    workers = _launcher(cloud)["available_node_types"]
+    hosts = [n for n, t in workers.items()
+             if all(t["resources"].get(k, 0) >= asked[k] for k in asked)]
+    assert hosts, f"no node type can host a trial asking for {asked}"
+    for name in hosts:
+        assert not _is_spot(cloud, workers[name]["node_config"]), f"{name} is a spot type"
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
 def test_node_labels_pass_rays_label_validation(cloud):
     from ray._private.label_utils import validate_node_label_syntax, validate_node_labels
 

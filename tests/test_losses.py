@@ -1,10 +1,12 @@
-"""Losses against hand computations written differently (plain Python loops, float64)."""
+"""Losses and their metrics against hand computations written differently (plain Python
+loops, float64)."""
 
 import math
 
 import pytest
 import torch
 
+from clo_ray.spec import StageSpec
 from clo_ray.train.losses import (
     EN_CHOSEN,
     EN_REJECTED,
@@ -15,6 +17,7 @@ from clo_ray.train.losses import (
     sequence_logps,
     sft_loss,
 )
+from clo_ray.train.objectives import OBJECTIVES, language_metrics
 
 
 def log_sigmoid(x: float) -> float:
@@ -113,8 +116,51 @@ def test_clo_at_init_is_nll_plus_two_ln2():
     out = clo_loss(policy, policy.clone(), tokens, lambda_=0.5)
     nll = -policy[TGT_CHOSEN].sum() / 10
     assert out.loss.item() == pytest.approx(0.5 * nll.item() + 0.5 * 2 * math.log(2), rel=1e-5)
-    assert out.metrics["en_reward_accuracy"] == 0.0
+    assert out.metrics["en_reward_accuracy"] == out.metrics["preference_accuracy"] == 0.0
     assert out.metrics["loss_cl"] == pytest.approx(2 * math.log(2), rel=1e-5)
+
+
+def hand_preferences(policy, reference, beta):
+    """Per pair: does each direction's implicit reward prefer the prompt's language?"""
+    rows = []
+    for p in range(policy.shape[1]):
+        def r(row, p=p):
+            return beta * (policy[row, p].item() - reference[row, p].item())
+        rows.append((r(EN_CHOSEN) - r(EN_REJECTED), r(TGT_CHOSEN) - r(TGT_REJECTED)))
+    return rows
+
+
+@pytest.mark.parametrize("loss", ["clo", "dpo"])
+def test_preference_accuracy_counts_pairs_right_in_both_directions(loss):
+    """5 pairs: 2 right both ways, 1 English-only, 1 target-only, 1 wrong both ways. Both
+    directions: 2/5; the mean of the per-direction accuracies (3/5 each) would say 3/5."""
+    g = torch.Generator().manual_seed(4)
+    reference = -torch.rand(4, 5, generator=g, dtype=torch.float64) * 30
+    policy = reference.clone()
+    for p, (en, tgt) in enumerate([(1, 2), (3, 1), (2, -1), (-2, 1), (-1, -3)]):
+        policy[EN_CHOSEN, p] += en  # chosen log-ratio up (or down) by en, rejected unchanged
+        policy[TGT_REJECTED, p] -= tgt
+    n_tokens = torch.full((4, 5), 7.0, dtype=torch.float64)
+    stage = StageSpec.model_validate({"loss": loss, "modules": ["attention"], "steps": 1,
+                                      "beta": 0.2})
+    metrics = OBJECTIVES[loss](stage, policy, reference, n_tokens).metrics
+
+    margins = hand_preferences(policy, reference, 0.2)
+    both = sum(en > 0 and tgt > 0 for en, tgt in margins) / 5
+    en_acc, tgt_acc = (sum(m[i] > 0 for m in margins) / 5 for i in (0, 1))
+    assert (both, en_acc, tgt_acc) == (0.4, 0.6, 0.6)
+    assert metrics["preference_accuracy"] == pytest.approx(both)
+    assert metrics["preference_accuracy"] != pytest.approx((en_acc + tgt_acc) / 2)
+    assert metrics["en_reward_accuracy"] == pytest.approx(en_acc)
+    assert metrics["target_reward_accuracy"] == pytest.approx(tgt_acc)
+    assert metrics["reward_margin"] == pytest.approx(sum(en + tgt for en, tgt in margins) / 10)
+    assert metrics["en_reward_margin"] == pytest.approx(sum(m[0] for m in margins) / 5)
+    # per language (multi-target trials): the same definition on each language's pairs
+    per_language = language_metrics(OBJECTIVES[loss], stage, policy, reference, n_tokens,
+                                    ["sw", "sw", "zh", "zh", "zh"])
+    assert per_language["sw"][0]["preference_accuracy"] == 1.0 and per_language["sw"][1] == 2
+    assert per_language["zh"][0]["preference_accuracy"] == 0.0
+    assert per_language["zh"][0]["en_reward_accuracy"] == pytest.approx(1 / 3)
 
 
 def test_sft_loss_reductions_and_errors():

@@ -196,6 +196,8 @@ BAD = {  # id: (mutation, substrings the message must contain)
     "unknown_precision": (_set("resources", {"precision": "fp8"}),
                           ["resources.precision: unsupported value (got 'fp8'; allowed: bf16, "
                            "fp16, fp32)"]),
+    "trial_holds_a_gpu": (_set("resources", {"trial_resources": {"GPU": 1}}),
+                          ["resources.trial_resources.GPU:", "holds no GPU"]),
     "offload_without_zero": (_set("resources", {"offload": "optimizer"}),
                              ["resources.offload: offloading optimizer needs zero_stage >= 1",
                               "got 'optimizer'"]),

@@ -144,3 +144,18 @@ def test_readme_api_example(interrupted_and_resumed):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'method': " in done.stdout
+
+
+def test_only_report_rebuilds_the_report_from_storage(interrupted_and_resumed):
+    """``--only report`` redoes nothing but the report: results.parquet is read, not rewritten."""
+    run_dir = interrupted_and_resumed["run_dir"]
+    results = run_dir / "results.parquet"
+    stamp = results.stat().st_mtime_ns
+    (run_dir / "report.md").unlink()
+    done = subprocess.run(sweep_command(interrupted_and_resumed["spec"]) + ["--only", "report"],
+                          cwd=interrupted_and_resumed["tmp"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| tiny-llama |" in (run_dir / "report.md").read_text()
+    assert results.stat().st_mtime_ns == stamp
+    assert "Started a local Ray instance" not in done.stderr  # the report needs no cluster

@@ -14,6 +14,12 @@ them. Failing rows follow ``translator.quality.policy``: ``drop`` (only in rejec
 once more with another decoding setting, then dropped if they still fail). Everything that
 can be wrong with the inputs is checked before Ray starts or a byte is written.
 
+A translator actor that dies mid-batch (a crash, an OOM kill, a preempted node) is restarted
+by Ray Data and its batch re-run: Ray Data gives actor pools ``max_restarts=-1`` and
+``max_task_retries=-1`` unless told otherwise, and no stage here overrides them (passing
+them is deprecated since Ray 2.60). A batch delivered twice counts once (``_Rows.put``), so
+no row is lost or written twice (tests/test_faults.py kills an actor to check).
+
 The sweep calls :func:`translate_corpus`; ``python -m clo_ray.translate SPEC`` runs it alone.
 """
 
@@ -54,6 +60,8 @@ from clo_ray.errors import LanguageError
 from clo_ray.languages import get_language
 
 if TYPE_CHECKING:
+    import ray.data
+
     from clo_ray.spec import SweepSpec
 
 __all__ = ["TranslationError", "TranslationResult", "read_table", "translate_corpus"]
@@ -65,17 +73,23 @@ DEFAULT_PART_ROWS = 256  # finished rows per language per part file
 _MAX_BLOCKS = 2000  # job blocks per pass; one block is one actor task, streamed back whole
 CALL_LOG_ENV = "CLO_RAY_TRANSLATE_CALL_LOG"  # default for call_log (a CLI run in a test)
 
-
 def translate_corpus(spec: SweepSpec, *, corpus: Corpus | None = None,
                      languages: list[str] | None = None, part_rows: int = DEFAULT_PART_ROWS,
-                     call_log: str | None = None) -> dict[str, TranslationResult]:
+                     call_log: str | None = None, actor: type | None = None
+                     ) -> dict[str, TranslationResult]:
     """Translate the spec's corpus into each language (default ``spec.languages``), reusing
     whatever the cache already holds; returns one :class:`TranslationResult` per language.
 
     ``corpus``: an already loaded corpus (else ``spec.corpus`` is loaded). ``part_rows``:
     finished rows per part file (what a killed run keeps). ``call_log``: a local file each
     translator call appends one JSON line to (tests count model calls with it; default
-    ``$CLO_RAY_TRANSLATE_CALL_LOG``).
+    ``$CLO_RAY_TRANSLATE_CALL_LOG``). ``actor``: a Ray Data callable class run in place of
+    the spec's backend class, like :class:`~clo_ray.data.translators.ParallelTranslator`
+    (job rows in, ``{job, translation, tokens}`` out), constructed with the keywords
+    ``source``, ``call_log``, ``languages``, ``decoding``, ``storage_options`` and
+    ``translator`` (the spec's section): a wrapper that instruments the backend or injects
+    faults (tests kill it mid-batch). The cache key stays the spec's, so it must produce
+    what the spec's backend produces.
     """
     started = time.perf_counter()
     call_log = call_log or os.environ.get(CALL_LOG_ENV) or None
@@ -97,7 +111,8 @@ def translate_corpus(spec: SweepSpec, *, corpus: Corpus | None = None,
     if todo:
         _check_translator(spec, corpus, list(todo))
         probe_storage(root, options)
-        results.update(_translate(spec, corpus, todo, inputs, part_rows, call_log, started))
+        results.update(_translate(spec, corpus, todo, inputs, part_rows, call_log, started,
+                                  actor))
     return {lang: results[lang] for lang in languages}
 
 
@@ -188,7 +203,7 @@ def _key_inputs(spec: SweepSpec, corpus: Corpus, language: str, identity: str
 
 def _translate(spec: SweepSpec, corpus: Corpus, caches: dict[str, TranslationCache],
                inputs: dict[str, dict[str, Any]], part_rows: int, call_log: str | None,
-               started: float) -> dict[str, TranslationResult]:
+               started: float, actor: type | None) -> dict[str, TranslationResult]:
     """The passes over what the cache lacks, then each language's outputs + manifest."""
     translator = spec.translator
     ids = corpus.table.column("id").to_pylist()
@@ -198,14 +213,14 @@ def _translate(spec: SweepSpec, corpus: Corpus, caches: dict[str, TranslationCac
     first = {lang: _part_ids(cache)[0] for lang, cache in caches.items()}
     work = [(lang, i) for lang in caches for i, row_id in enumerate(ids)
             if row_id not in first[lang]]
-    stats = _run_pass(spec, corpus, work, decoding, "first", caches, part_rows, call_log)
+    stats = _run_pass(spec, corpus, work, decoding, "first", caches, part_rows, call_log, actor)
     if translator.quality.policy == "retry" and translator.backend != "parallel":
         todo = {lang: _part_ids(cache) for lang, cache in caches.items()}
         work = [(lang, i) for lang, (_, failed, retried) in todo.items()
                 for i, row_id in enumerate(ids) if row_id in failed - retried]
         retry = decoding.retry(beams=translator.backend != "vllm")
         stats = stats.merge(_run_pass(spec, corpus, work, retry, "retry", caches, part_rows,
-                                      call_log))
+                                      call_log, actor))
     results = {}
     for lang, cache in caches.items():
         result = cache.result(cache.finalize(ids, translator.quality.policy, inputs[lang]),
@@ -252,7 +267,7 @@ class _PassStats:
 
 def _run_pass(spec: SweepSpec, corpus: Corpus, work: list[tuple[str, int]],
               decoding: Decoding, pass_name: str, caches: dict[str, TranslationCache],
-              part_rows: int, call_log: str | None) -> _PassStats:
+              part_rows: int, call_log: str | None, actor: type | None) -> _PassStats:
     """Translate ``work`` ((language, corpus row) pairs) through one Ray Data pipeline,
     checking and writing rows as they complete."""
     stats = _PassStats()
@@ -297,10 +312,7 @@ def _run_pass(spec: SweepSpec, corpus: Corpus, work: list[tuple[str, int]],
         logger.info("translate (%s pass): %d rows, %d segments, backend %s, %d actor(s)",
                     pass_name, len(work), rows.jobs.num_rows, translator.backend,
                     translator.actors)
-        ds = translator_stage(ray.data.from_arrow(blocks), translator,
-                              source=spec.corpus.source_language, languages=list(pending),
-                              decoding=decoding, storage_options=spec.run.storage_options,
-                              call_log=call_log)
+        ds = _stage(ray.data.from_arrow(blocks), spec, list(pending), decoding, call_log, actor)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             stats.first_result = stats.first_result or time.perf_counter()
             for job, text, tokens in zip(batch.column("job").to_pylist(),
@@ -311,6 +323,24 @@ def _run_pass(spec: SweepSpec, corpus: Corpus, work: list[tuple[str, int]],
                 if complete is not None:
                     finish(complete)
     return stats
+
+
+def _stage(ds: ray.data.Dataset, spec: SweepSpec, languages: list[str], decoding: Decoding,
+           call_log: str | None, actor: type | None) -> ray.data.Dataset:
+    """Job rows -> translations: the spec's backend, or the ``actor`` standing in for it."""
+    translator, source = spec.translator, spec.corpus.source_language
+    options = spec.run.storage_options
+    if actor is None:
+        return translator_stage(ds, translator, source=source, languages=languages,
+                                decoding=decoding, storage_options=options, call_log=call_log)
+    import ray.data
+
+    return ds.map_batches(actor, fn_constructor_kwargs={
+        "source": source, "call_log": call_log, "languages": languages, "decoding": decoding,
+        "storage_options": options, "translator": translator},
+        batch_size=translator.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=translator.actors), num_cpus=1,
+        num_gpus=translator.gpus_per_actor or None)
 
 
 class _Rows:

@@ -4,7 +4,7 @@ Why the processor's own chat-template and tokenize stages are off: the template 
 overwrites the ``prompt`` column and the tokenize stage adds special tokens on top of the
 template's; both would make the prompts differ from the causal backend's. Here
 :class:`PromptEncoder` builds the token ids with the same
-:func:`~clo_ray.data.translators.encode_prompt` the causal backend uses, the engine receives
+:func:`~clo_ray.data.translator_decoding.encode_prompt` the causal backend uses, the engine receives
 ``tokenized_prompt`` directly, and :class:`OutputDecoder` decodes the generated ids with the
 causal backend's ``decode_output``, so greedy vLLM and greedy transformers can be compared
 on the same model, token for token and character for character.
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clo_ray.data.translators import Decoding, decode_output, encode_prompt, log_call
+from clo_ray.data.translator_decoding import Decoding, decode_output, encode_prompt
+from clo_ray.data.translators import log_call
 
 if TYPE_CHECKING:
     import ray.data

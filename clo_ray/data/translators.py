@@ -11,21 +11,20 @@ only translate, so adding one is a class here and a line in :func:`translator_st
 - ``causal``: :class:`CausalTranslator`, a decoder LLM prompted with the spec's template.
 - ``vllm``: the same prompts through ``ray.data.llm`` (:mod:`clo_ray.data.translator_vllm`).
 
-Causal and vLLM share :func:`encode_prompt`, so on the same model and prompts their greedy
-outputs can be compared token for token (a test does). Actors are named for their role so
-the Ray dashboard reads ``MapBatches(Seq2SeqTranslator)``.
+Causal and vLLM share :func:`encode_prompt` (:mod:`clo_ray.data.translator_decoding`, with
+the :class:`Decoding` settings; re-exported here), so on the same model and prompts their
+greedy outputs can be compared token for token (a test does). Actors are named for their role
+so the Ray dashboard reads ``MapBatches(Seq2SeqTranslator)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +32,13 @@ import numpy as np
 from clo_ray import storage
 from clo_ray.assets import PARALLEL_SAMPLE_REF, parallel_sample_path
 from clo_ray.data.corpus import content_id, normalise_text
+from clo_ray.data.translator_decoding import (  # re-exported: tests, bench and the stage use them
+    Decoding,
+    decode_output,
+    encode_prompt,
+    generated_length,
+    render_prompt,
+)
 from clo_ray.errors import CloRayError, LanguageError
 from clo_ray.languages import get_language
 
@@ -42,83 +48,18 @@ if TYPE_CHECKING:
     from clo_ray.spec import TranslatorSection
 
 logger = logging.getLogger(__name__)
+__all__ = [
+    "FIELDS", "CausalTranslator", "Decoding", "ParallelTranslator", "Seq2SeqTranslator",
+    "TranslationError", "check_parallel", "check_seq2seq_languages", "decode_output",
+    "encode_prompt", "generated_length", "log_call", "read_parallel", "render_prompt",
+    "seq2seq_code", "seq2seq_family", "seq2seq_token_id", "translator_stage",
+]
 
 FIELDS = ("prompt", "response")
 
 
 class TranslationError(CloRayError):
     """The translate stage cannot run: a missing parallel row, an unusable backend setting."""
-
-
-# ---------------------------------------------------------------- decoding
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Decoding settings, shared by every model backend (part of the cache key)."""
-
-    max_new_tokens: int
-    num_beams: int = 1
-    temperature: float = 0.0  # 0 = greedy (or beam search when num_beams > 1)
-    top_p: float = 1.0
-    seed: int = 0  # used only when sampling
-
-    @classmethod
-    def from_section(cls, translator: TranslatorSection, seed: int) -> Decoding:
-        return cls(translator.max_new_tokens, translator.num_beams, translator.temperature,
-                   translator.top_p, seed)
-
-    def retry(self, beams: bool) -> Decoding:
-        """The other setting a failing row gets once (policy ``retry``): deterministic
-        decoding that failed may loop or stop early where sampling does not, and a sampled
-        output that failed is retried deterministically (beam search where ``beams``)."""
-        if self.temperature == 0:
-            return dataclasses.replace(self, num_beams=1, temperature=0.7, top_p=0.9,
-                                       seed=self.seed + 1)
-        return dataclasses.replace(self, num_beams=4 if beams else 1, temperature=0.0,
-                                   top_p=1.0)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for transformers' ``generate``."""
-        if self.temperature == 0:
-            return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
-                    "do_sample": False}
-        return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
-                "do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
-
-    def sampling_params(self) -> dict[str, Any]:
-        """vLLM ``SamplingParams`` fields (vLLM has no beam search in SamplingParams)."""
-        return {"max_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed, "detokenize": False}
-
-
-# ---------------------------------------------------------------- prompts (causal, vllm)
-
-
-def render_prompt(tokenizer: Any, template: str, text: str, source: str, target: str) -> str:
-    """The instruction for one segment, in the model's chat format when it has one."""
-    src, tgt = get_language(source), get_language(target)
-    message = template.format(text=text, source_name=src.name, source_code=src.code,
-                              target_name=tgt.name, target_code=tgt.code)
-    if not getattr(tokenizer, "chat_template", None):
-        return message
-    return tokenizer.apply_chat_template([{"role": "user", "content": message}],
-                                         add_generation_prompt=True, tokenize=False)
-
-
-def encode_prompt(tokenizer: Any, template: str, text: str, source: str,
-                  target: str) -> list[int]:
-    """Token ids of :func:`render_prompt`: a chat template writes its own bos, so special
-    tokens are added only to a plain prompt (else some tokenizers would add a second bos)."""
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    prompt = render_prompt(tokenizer, template, text, source, target)
-    return tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
-
-
-def decode_output(tokenizer: Any, token_ids: Sequence[int]) -> str:
-    """Generated ids -> text, for causal and vLLM alike (vLLM's own incremental detokenizer
-    drops an incomplete UTF-8 tail that ``decode`` shows as U+FFFD, so it is not used)."""
-    return tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
 
 
 # ---------------------------------------------------------------- seq2seq language codes
@@ -373,15 +314,6 @@ class CausalTranslator(_Translator):
                   for row in generated.tolist()]
         rows = [row[:count] for row, count in zip(generated.tolist(), counts, strict=True)]
         return [decode_output(self.tokenizer, row) for row in rows], counts
-
-
-def generated_length(tokens: list[int], eos: int | list[int] | None) -> int:
-    """Generated tokens up to and including the first eos (what vLLM counts)."""
-    stops = set(eos if isinstance(eos, list) else [eos])
-    for i, token in enumerate(tokens):
-        if token in stops:
-            return i + 1
-    return len(tokens)
 
 
 # ---------------------------------------------------------------- the stage

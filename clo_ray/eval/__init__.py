@@ -4,7 +4,8 @@
 answers to held-out target-language and English prompts (:mod:`.generate`), language
 fidelity and English retention (:mod:`.fidelity`), held-out NLL and CLO preference accuracy
 (:mod:`.heldout`), the pairwise LLM-judge win rate (:mod:`.judge`) and the objective Tune
-optimises (:mod:`.objective`). The lm-evaluation-harness adapter is not here yet.
+optimises (:mod:`.objective`); lm-evaluation-harness tasks (:mod:`.lm_eval`); the post-tune
+judge stage against each cell's SFT trial (:mod:`.judge_stage`).
 """
 
 from clo_ray.eval.evaluate import EXTRA_KEYS, EvaluationError, evaluate_model, scalar_metrics

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 EVAL_FORMAT = 1  # bump when metrics change meaning: old caches then miss
 EXTRA_KEYS = ("answers", "heldout_logps", "details")
 METRICS_FILE, ANSWERS_FILE = "metrics.json", "answers.parquet"
+BASE_LINK_FILE = "base.json"  # in a trial's folder: where its base model's evaluation lives
 
 
 class EvaluationError(CloRayError, ValueError):
@@ -125,7 +127,7 @@ def evaluate_model(model_dir: str | Path, eval_rows: pa.Table, *, language: str,
         result["judge_win_rate"] = verdicts["target"].win_rate if verdicts else None
         result["english_judge_win_rate"] = verdicts["english"].win_rate if verdicts else None
         details["judge"] = {k: asdict(v) for k, v in verdicts.items()}
-    result["objective"] = _objective_or_none(result, evaluation.objective.weights)
+    result["objective"] = objective_or_none(result, evaluation.objective.weights)
     result.update(answers={"ids": ids, "target": target_answers, "english": english_answers},
                   heldout_logps=logps, details=details)
     logger.info("evaluated %s on %d prompts + %d held-out pairs in %.1f s: target_fidelity "
@@ -140,6 +142,43 @@ def scalar_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """The measured numbers of an :func:`evaluate_model` result (what Tune should report)."""
     return {k: float(v) for k, v in result.items()
             if k not in EXTRA_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def trial_eval_uri(run_uri: str, checkpoint: str) -> str:
+    """Where a trial's evaluation (answers.parquet, metrics.json, lm_eval.json) is kept:
+    ``<run>/eval/<train run>/<checkpoint>``, from the last two parts of its checkpoint path.
+
+    Derived from the checkpoint, which results.parquet records, so the judge stage finds
+    every trial's answers without a second index; a re-trained checkpoint gets a new folder.
+    """
+    parts = [p for p in checkpoint.replace("\\", "/").rstrip("/").split("/") if p][-2:]
+    safe = [re.sub(r"[^A-Za-z0-9_.=-]+", "_", p) for p in parts]
+    return storage.join(run_uri, "eval", *safe)
+
+
+def link_base(trial_uri: str, base_uri: str, storage_options: StorageOptions = None) -> None:
+    """Record in a trial's folder where its base model's evaluation is (the judge's opponent
+    with ``judge.opponent: base``): the base cache's name depends on the held-out set."""
+    storage.write_bytes_atomic(storage.join(trial_uri, BASE_LINK_FILE),
+                               json.dumps({"uri": base_uri}).encode("utf-8"), storage_options)
+
+
+def linked_base(trial_uri: str, storage_options: StorageOptions = None) -> str | None:
+    """The base evaluation folder :func:`link_base` recorded, or None."""
+    uri = storage.join(trial_uri, BASE_LINK_FILE)
+    if not storage.exists(uri, storage_options):
+        return None
+    with storage.open_input(uri, storage_options) as handle:
+        return str(json.loads(handle.read().decode("utf-8"))["uri"])
+
+
+def load_answers(uri: str, storage_options: StorageOptions = None) -> pa.Table | None:
+    """An evaluation's ``answers.parquet`` (id, prompt, prompt_en, answer_target,
+    answer_english), or None when that evaluation is not complete (no metrics.json)."""
+    if not storage.exists(storage.join(uri, METRICS_FILE), storage_options):
+        return None
+    with storage.open_input(storage.join(uri, ANSWERS_FILE), storage_options) as handle:
+        return pq.read_table(handle)
 
 
 # ------------------------------------------------------------------------------ steps
@@ -182,7 +221,8 @@ def _judge(evaluation: EvaluationSection, judge: JudgeGenerate | None,
            english: tuple[list[str], list[str]]) -> dict[str, JudgeResult]:
     """Both win rates, or {} without an opponent (the opponent's own evaluation)."""
     if opponent is None:
-        logger.info("judge enabled but no opponent answers: judge metrics not measured")
+        logger.info("judge enabled but no opponent answers here: judge metrics not measured "
+                    "(a sweep judges after tuning, clo_ray.eval.judge_stage)")
         return {}
     from clo_ray.models import resolve_model
 
@@ -199,8 +239,9 @@ def _judge(evaluation: EvaluationSection, judge: JudgeGenerate | None,
             judge.close()  # type: ignore[attr-defined]
 
 
-def _objective_or_none(metrics: Mapping[str, Any], weights: Mapping[str, float]) -> float | None:
-    """The objective, or None (logged) when a weighted metric was not measured here."""
+def objective_or_none(metrics: Mapping[str, Any], weights: Mapping[str, float]) -> float | None:
+    """The objective, or None (logged) when a weighted metric was not measured here: e.g.
+    judge or lm-eval metrics, which are added to a trial's metrics after this evaluation."""
     unmeasured = [name for name in weights if metrics.get(name) is None
                   or (isinstance(metrics[name], float) and math.isnan(metrics[name]))]
     if unmeasured:

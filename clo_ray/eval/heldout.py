@@ -3,7 +3,8 @@
 No generation, so they are cheap, deterministic and exactly comparable across trials. Each
 held-out pair is encoded as training encodes a CLO pair
 (:func:`clo_ray.train.batches.encode_examples`, loss "clo": the 4 sequences EN_CHOSEN,
-EN_REJECTED, TGT_CHOSEN, TGT_REJECTED) and scored in one forward pass per micro-batch.
+EN_REJECTED, TGT_CHOSEN, TGT_REJECTED) and scored in one forward pass per micro-batch, by the
+same helper as the reference log-probs (:func:`clo_ray.train.logprobs.batched_response_logps`).
 
 - ``target_nll`` / ``english_nll``: token-averaged NLL of y_l | x_l and y_en | x_en (the
   training loss's default reduction; per token, so pairs of any length weigh by length).
@@ -11,8 +12,10 @@ EN_REJECTED, TGT_CHOSEN, TGT_REJECTED) and scored in one forward pass per micro-
   (English prompts prefer y_en over y_l; target prompts y_l over y_en), the margin is
   chosen - rejected. ``preference_accuracy`` is the share of pairs where BOTH directions'
   margins are > 0 (the model prefers the prompt's language whichever language it is asked
-  in); ``en_reward_accuracy`` / ``target_reward_accuracy`` per direction.
-  ``reward_margin`` is the mean margin over both directions.
+  in), the same definition and function training reports
+  (:func:`clo_ray.train.losses.preference_accuracy`); ``en_reward_accuracy`` /
+  ``target_reward_accuracy`` per direction. ``reward_margin`` is the mean margin over both
+  directions.
 
 ``reference_logps`` are the base model's summed log-probs [N, 4] of the same encoding (from
 :func:`clo_ray.train.reference.compute_reference_logps`, or :func:`heldout_logps` of the base
@@ -29,22 +32,15 @@ import pyarrow as pa
 import torch
 
 from clo_ray.errors import CloRayError
-from clo_ray.train.batches import collate, encode_examples
-from clo_ray.train.losses import (
-    EN_CHOSEN,
-    EN_REJECTED,
-    TGT_CHOSEN,
-    TGT_REJECTED,
-    preference_logits,
-    sequence_logps,
-)
+from clo_ray.train.batches import encode_examples
+from clo_ray.train.logprobs import batched_response_logps
+from clo_ray.train.losses import EN_CHOSEN, TGT_CHOSEN, preference_accuracy, reward_margins
 
 
 class HeldoutError(CloRayError, ValueError):
     """Reference log-probs that do not line up with the held-out rows."""
 
 
-@torch.no_grad()
 def heldout_logps(model: Any, tokenizer: Any, eval_rows: pa.Table, *, template: str,
                   max_length: int, micro_batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response token counts, each [N, 4] float64 on CPU, in
@@ -53,26 +49,8 @@ def heldout_logps(model: Any, tokenizer: Any, eval_rows: pa.Table, *, template: 
         raise HeldoutError(f"micro_batch must be positive, got {micro_batch}")
     examples = encode_examples(eval_rows, tokenizer, loss="clo", template=template,
                                max_length=max_length)
-    logps = torch.zeros((len(examples), 4), dtype=torch.float64)
-    counts = torch.zeros((len(examples), 4), dtype=torch.float64)
-    device = next(model.parameters()).device
-    # Sorted by length: less padding per micro-batch (right padding leaves numbers unchanged).
-    order = sorted(range(len(examples)), key=lambda i: max(map(len, examples[i].input_ids)))
-    was_training = model.training
-    model.eval()
-    try:
-        for begin in range(0, len(order), micro_batch):
-            chunk = order[begin:begin + micro_batch]
-            batch = {k: v.to(device) for k, v in
-                     collate([examples[i] for i in chunk], tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-            summed, n_tokens = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
-            logps[chunk] = summed.view(4, len(chunk)).T.double().cpu()
-            counts[chunk] = n_tokens.view(4, len(chunk)).T.double().cpu()
-    finally:
-        model.train(was_training)
-    return logps, counts
+    return batched_response_logps(model, examples, micro_batch=micro_batch,
+                                  pad_id=tokenizer.pad_token_id)
 
 
 def heldout_metrics(model: Any, tokenizer: Any, eval_rows: pa.Table, *, template: str,
@@ -98,14 +76,11 @@ def heldout_metrics(model: Any, tokenizer: Any, eval_rows: pa.Table, *, template
                                f"{policy.shape[0]} held-out rows need {tuple(policy.shape)}: "
                                f"compute it on the same rows, in the same order, with loss "
                                f"'clo' (4 sequences per pair)")
-    en = beta * preference_logits(policy[:, EN_CHOSEN], policy[:, EN_REJECTED],
-                                  reference[:, EN_CHOSEN], reference[:, EN_REJECTED])
-    tgt = beta * preference_logits(policy[:, TGT_CHOSEN], policy[:, TGT_REJECTED],
-                                   reference[:, TGT_CHOSEN], reference[:, TGT_REJECTED])
+    en, tgt = reward_margins(policy.T, reference.T, beta)
     return {
         "target_nll": _nll(policy[:, TGT_CHOSEN], counts[:, TGT_CHOSEN]),
         "english_nll": _nll(policy[:, EN_CHOSEN], counts[:, EN_CHOSEN]),
-        "preference_accuracy": ((en > 0) & (tgt > 0)).double().mean().item(),
+        "preference_accuracy": preference_accuracy(en, tgt),
         "en_reward_accuracy": (en > 0).double().mean().item(),
         "target_reward_accuracy": (tgt > 0).double().mean().item(),
         "reward_margin": ((en + tgt) / 2).mean().item(),

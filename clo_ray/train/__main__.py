@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clo_ray.spec import load_spec
     from clo_ray.train.checkpoint import export_model
-    from clo_ray.train.trainer import ray_runtime_env, run_training
+    from clo_ray.train.trainer import driver_runtime_env, run_training
 
     try:
         spec = load_spec(args.spec)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not ray.is_initialized():
         ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus,
-                 runtime_env=ray_runtime_env())
+                 runtime_env=driver_runtime_env())
     try:
         result = run_training(spec, model=args.model, languages=args.language,
                               method=args.method, budget=args.budget, overrides=overrides,

@@ -11,12 +11,20 @@ padded batch, and only the positions that predict a response token go through th
 :class:`ResponseLogps` is the module DeepSpeed wraps, so ``engine(...)`` runs this forward
 with every ZeRO-3 hook of the model's submodules in place. Architectures that transform the
 logits after the head (soft-capping, scaling) take the plain full-logits path.
+
+:func:`batched_response_logps` scores a whole list of encoded examples with a frozen model in
+micro-batches: the one place the reference log-probs (:mod:`clo_ray.train.reference`) and the
+held-out metrics (:mod:`clo_ray.eval.heldout`) get their numbers, so both see exactly what the
+training forward computes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from clo_ray.train.batches import Example, collate
 from clo_ray.train.losses import sequence_logps
 
 # Decoders whose logits are exactly lm_head(final hidden state).
@@ -66,3 +74,38 @@ def response_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     sums = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, rows, token_logps), predicts.sum(-1).to(token_logps.dtype)
+
+
+@torch.no_grad()
+def batched_response_logps(model: torch.nn.Module, examples: Sequence[Example], *,
+                           micro_batch: int, pad_id: int | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response token counts of ``examples``, each ``[N, S]``
+    float64 on CPU in example order (S sequences per example, ``collate``'s sequence order).
+
+    ``micro_batch`` examples per forward (> 0; callers check it and raise their own error),
+    formed from examples sorted by length: less padding, and right padding does not change
+    the numbers. Dropout is off while scoring; the model's train/eval mode is restored.
+    """
+    if not examples:
+        empty = torch.zeros((0, 0), dtype=torch.float64)
+        return empty, empty.clone()
+    count = len(examples[0].input_ids)
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: max(map(len, examples[i].input_ids)))
+    logps = torch.zeros((len(examples), count), dtype=torch.float64)
+    n_tokens = torch.zeros((len(examples), count), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for begin in range(0, len(order), micro_batch):
+            chunk = order[begin:begin + micro_batch]
+            batch = {k: v.to(device) for k, v in
+                     collate([examples[i] for i in chunk], pad_id).items()}
+            summed, counts = response_logps(model, batch["input_ids"], batch["attention_mask"],
+                                            batch["response_mask"])
+            logps[chunk] = summed.view(count, len(chunk)).T.double().cpu()
+            n_tokens[chunk] = counts.view(count, len(chunk)).T.double().cpu()
+    finally:
+        model.train(was_training)
+    return logps, n_tokens

@@ -86,7 +86,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # ---- 3. where to start: fresh, or the last checkpoint
     run = worker.resume_point(ray.train.get_checkpoint(), config, totals, world)
     progress = Progress(totals, [s.name or s.loss for s in stages], run.global_step)
-    counters = {"reference_computed": 0, "resumed_from_step": run.global_step}
+    # tokens_total: non-pad tokens trained since this run (or its last resume) started
+    counters = {"reference_computed": 0, "resumed_from_step": run.global_step,
+                "tokens_total": 0.0}
     if run.global_step and rank == 0:
         logger.info("resuming at stage %d step %d (global step %d)", run.stage, run.step,
                     run.global_step)
@@ -174,7 +176,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 train["checkpoint_every"] and done % train["checkpoint_every"] == 0)
             if not (save or done % train["report_every"] == 0):
                 continue
-            metrics = {**window.reduce(), **counters, "stage": index, "stage_step": done,
+            reduced = window.reduce()
+            counters["tokens_total"] += reduced["tokens"]
+            metrics = {**reduced, **counters, "stage": index, "stage_step": done,
                        "stage_steps": totals[index], "step": global_step,
                        "epoch": done * train["batch_pairs"] / rows.num_rows,
                        "lr": float(engine.lr_scheduler.get_last_lr()[0])}

@@ -11,6 +11,10 @@ Defaults for the points the CLO paper (Lee et al., ACL 2025) leaves open:
   (``nll_reduction="token"``, the usual causal-LM loss); ``"sequence"`` averages each
   sequence's mean token NLL, ``"sum"`` uses the summed sequence NLL (the paper's
   -log pi(y_l|x_l) taken literally; its scale dwarfs L_CL unless lambda is tiny).
+
+``preference_accuracy`` (:func:`preference_accuracy`) means one thing in training and in
+evaluation (:mod:`clo_ray.eval.heldout`): the share of CLO pairs whose implicit reward prefers
+the prompt's language in both directions. Each direction's own share is ``*_reward_accuracy``.
 """
 
 from __future__ import annotations
@@ -89,42 +93,94 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     return LossOutput(per_pair.mean(), metrics)
 
 
+def reward_margins(policy: torch.Tensor, reference: torch.Tensor,
+                   beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair implicit reward margins (chosen - rejected) of the two CLO directions.
+
+    policy, reference: [4, P] in the row order EN_CHOSEN, EN_REJECTED, TGT_CHOSEN,
+    TGT_REJECTED. Returns (English direction [P], target direction [P]); a margin > 0 means the
+    implicit reward ``beta * (log pi - log pi_ref)`` prefers the answer in the prompt's language.
+    """
+    en = beta * preference_logits(policy[EN_CHOSEN], policy[EN_REJECTED],
+                                  reference[EN_CHOSEN], reference[EN_REJECTED])
+    target = beta * preference_logits(policy[TGT_CHOSEN], policy[TGT_REJECTED],
+                                      reference[TGT_CHOSEN], reference[TGT_REJECTED])
+    return en, target
+
+
+def preference_accuracy(en_margins: torch.Tensor, target_margins: torch.Tensor) -> float:
+    """Share of CLO pairs whose implicit reward prefers the right language in BOTH directions.
+
+    The one meaning of ``preference_accuracy`` in training and evaluation: a pair counts only
+    when English prompts prefer y_en (``en_margins`` > 0) *and* target prompts prefer y_l
+    (``target_margins`` > 0), each [P] from :func:`reward_margins`. A model that merely
+    favours one language everywhere gets 0 here, where the mean of the per-direction
+    accuracies (``en_reward_accuracy``, ``target_reward_accuracy``) would give it 0.5.
+    Strict ``> 0``: a policy equal to its reference scores 0.
+    """
+    with torch.no_grad():
+        return ((en_margins > 0) & (target_margins > 0)).double().mean().item()
+
+
+def cl_loss(policy: torch.Tensor, reference: torch.Tensor, *, beta: float = 0.1,
+            directions: Directions = "sum", variant: DpoVariant = "sigmoid") -> LossOutput:
+    """L_CL: the DPO loss of both cross-lingual directions of P pairs, summed or averaged.
+
+    policy, reference: [4, P] summed response log-probs in the row order EN_CHOSEN,
+    EN_REJECTED, TGT_CHOSEN, TGT_REJECTED; English prompts prefer the English answer, target
+    prompts the target one. Metrics: each direction's :func:`dpo_loss` metrics (``en_*``,
+    ``target_*``), :func:`preference_accuracy` and ``reward_margin`` (both directions' mean).
+    """
+    if directions not in ("sum", "mean"):
+        raise ValueError(f"unknown directions {directions!r}; use sum or mean")
+    en = dpo_loss(policy[EN_CHOSEN], policy[EN_REJECTED], reference[EN_CHOSEN],
+                  reference[EN_REJECTED], beta=beta, variant=variant)
+    tgt = dpo_loss(policy[TGT_CHOSEN], policy[TGT_REJECTED], reference[TGT_CHOSEN],
+                   reference[TGT_REJECTED], beta=beta, variant=variant)
+    loss = en.loss + tgt.loss if directions == "sum" else (en.loss + tgt.loss) / 2
+    metrics = {f"en_{k}": v for k, v in en.metrics.items()}
+    metrics.update({f"target_{k}": v for k, v in tgt.metrics.items()})
+    with torch.no_grad():
+        en_margins, target_margins = reward_margins(policy, reference, beta)
+        metrics["preference_accuracy"] = preference_accuracy(en_margins, target_margins)
+        metrics["reward_margin"] = ((en_margins + target_margins) / 2).mean().item()
+    return LossOutput(loss, metrics)
+
+
 def clo_loss(policy: torch.Tensor, reference: torch.Tensor, n_tokens: torch.Tensor, *,
              lambda_: float = 0.5, beta: float = 0.1, directions: Directions = "sum",
              nll_reduction: NllReduction = "token") -> LossOutput:
     """L_CLO = lambda * NLL(y_l | x_l) + (1 - lambda) * L_CL over P parallel pairs.
 
     policy, reference, n_tokens: [4, P] summed response log-probs (and token counts) in the
-    row order EN_CHOSEN, EN_REJECTED, TGT_CHOSEN, TGT_REJECTED. L_CL is the sigmoid DPO loss
-    of each direction: English prompts prefer the English answer, target prompts the target one.
+    row order EN_CHOSEN, EN_REJECTED, TGT_CHOSEN, TGT_REJECTED. L_CL is :func:`cl_loss` with
+    the sigmoid DPO loss; its metrics come along, plus ``loss``, ``nll_target``, ``loss_cl``.
     """
-    en = dpo_loss(policy[EN_CHOSEN], policy[EN_REJECTED], reference[EN_CHOSEN],
-                  reference[EN_REJECTED], beta=beta)
-    tgt = dpo_loss(policy[TGT_CHOSEN], policy[TGT_REJECTED], reference[TGT_CHOSEN],
-                   reference[TGT_REJECTED], beta=beta)
-    if directions not in ("sum", "mean"):
-        raise ValueError(f"unknown directions {directions!r}; use sum or mean")
-    cl = en.loss + tgt.loss if directions == "sum" else (en.loss + tgt.loss) / 2
+    cl = cl_loss(policy, reference, beta=beta, directions=directions)
     nll = sft_loss(policy[TGT_CHOSEN], n_tokens[TGT_CHOSEN], nll_reduction)
-    loss = lambda_ * nll + (1.0 - lambda_) * cl
-    metrics = {"loss": loss.item(), "nll_target": nll.item(), "loss_cl": cl.item()}
-    metrics.update({f"en_{k}": v for k, v in en.metrics.items()})
-    metrics.update({f"target_{k}": v for k, v in tgt.metrics.items()})
+    loss = lambda_ * nll + (1.0 - lambda_) * cl.loss
+    metrics = {"loss": loss.item(), "nll_target": nll.item(), "loss_cl": cl.loss.item()}
+    metrics.update(cl.metrics)
     return LossOutput(loss, metrics)
 
 
 def _preference_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                         ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
                         beta: float) -> dict[str, float]:
-    """Implicit rewards, their margin and accuracy, and raw log-probs (TRL's naming)."""
+    """One direction's implicit rewards, their margin and accuracy (the share of pairs with a
+    margin > 0), and raw log-probs (TRL's naming)."""
     with torch.no_grad():
         chosen = beta * (policy_chosen - ref_chosen)
         rejected = beta * (policy_rejected - ref_rejected)
+        # the margin as reward_margins computes it, so per-direction and both-direction
+        # accuracies agree on every pair's sign
+        margin = beta * preference_logits(policy_chosen, policy_rejected, ref_chosen,
+                                          ref_rejected)
         return {
             "rewards_chosen": chosen.mean().item(),
             "rewards_rejected": rejected.mean().item(),
-            "reward_margin": (chosen - rejected).mean().item(),
-            "reward_accuracy": (chosen > rejected).float().mean().item(),
+            "reward_margin": margin.mean().item(),
+            "reward_accuracy": (margin > 0).double().mean().item(),
             "logps_chosen": policy_chosen.mean().item(),
             "logps_rejected": policy_rejected.mean().item(),
         }

@@ -4,7 +4,9 @@ Each worker adds every micro-batch's loss metrics (weighted by its number of pai
 tokens it processed to a :class:`MetricWindow`; at a report step every worker calls
 :meth:`MetricWindow.reduce`, which gathers the windows of all workers (a collective: all
 ranks call it at the same steps, as they call ``ray.train.report``) into global means and a
-global tokens/s.
+global tokens/s. Weighting by pairs keeps shares exact: the window's
+``preference_accuracy`` (each micro-batch's share of pairs right in both directions) is the
+share over every pair the workers saw, the same quantity evaluation reports.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class MetricWindow:
                 weights[name] += part_weights[name]
         wall = max(w[3] for w in windows)
         out = {name: sums[name] / weights[name] for name in sorted(sums) if weights[name]}
-        out["tokens_per_s"] = sum(w[2] for w in windows) / wall if wall > 0 else 0.0
+        out["tokens"] = float(sum(w[2] for w in windows))  # non-pad tokens, all workers
+        out["tokens_per_s"] = out["tokens"] / wall if wall > 0 else 0.0
         out["step_time_s"] = wall / self.steps if self.steps else 0.0
         out["peak_rss_mb"] = max(w[4] for w in windows)  # the largest worker
         out["cpu_s_per_step"] = sum(w[5] for w in windows) / len(windows) / max(self.steps, 1)

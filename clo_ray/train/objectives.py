@@ -4,8 +4,10 @@ Each objective takes the summed response log-probs of one micro-batch shaped ``[
 sequences per pair in :mod:`clo_ray.train.batches` order, P pairs), calls the pure function
 of :mod:`clo_ray.train.losses` with the stage's settings, and names its metrics the way Ray
 Tune and the spec see them (``clo_ray.spec.TRAINING_METRICS``): ``train_loss``,
-``target_nll``, ``english_nll``, ``preference_accuracy``, ``reward_margin``, plus the
-per-direction ones (``en_reward_margin``, ``target_reward_accuracy``, ...).
+``target_nll``, ``english_nll``, ``preference_accuracy`` (the share of pairs right in both
+directions, as evaluation defines it: :func:`~clo_ray.train.losses.preference_accuracy`),
+``reward_margin``, plus the per-direction ones (``en_reward_margin``,
+``target_reward_accuracy``, ...).
 
 The loop picks the objective by the stage's loss name through the dict; no function here
 branches on a method name.
@@ -13,7 +15,8 @@ branches on a method name.
 - clo: :func:`~clo_ray.train.losses.clo_loss`; rows EN_CHOSEN, EN_REJECTED, TGT_CHOSEN,
   TGT_REJECTED.
 - dpo: the SFT+DPO baseline's DPO stage on the *same* cross-lingual pairs, both directions
-  (the paper's baseline), combined by ``pair_reduction`` (sum, like CLO): CLO with lambda 0.
+  (the paper's baseline), combined by ``pair_reduction`` (sum, like CLO): CLO with lambda 0
+  (:func:`~clo_ray.train.losses.cl_loss`, sigmoid or IPO).
 - sft: NLL of every sequence of the micro-batch (target, English or both responses, as
   ``sft_data`` encoded them).
 """
@@ -27,12 +30,10 @@ import torch
 from clo_ray.spec import StageSpec
 from clo_ray.train.losses import (
     EN_CHOSEN,
-    EN_REJECTED,
     TGT_CHOSEN,
-    TGT_REJECTED,
     LossOutput,
+    cl_loss,
     clo_loss,
-    dpo_loss,
     sft_loss,
 )
 
@@ -47,15 +48,6 @@ def _token_nll(logps: torch.Tensor, n_tokens: torch.Tensor) -> float:
     return float(-logps.detach().sum() / n_tokens.sum().clamp(min=1))
 
 
-def _direction_summary(metrics: dict[str, float]) -> dict[str, float]:
-    """The two directions' accuracies and margins averaged: the spec's headline metrics."""
-    return {
-        "preference_accuracy": (metrics["en_reward_accuracy"]
-                                + metrics["target_reward_accuracy"]) / 2,
-        "reward_margin": (metrics["en_reward_margin"] + metrics["target_reward_margin"]) / 2,
-    }
-
-
 def clo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tensor | None,
                   n_tokens: torch.Tensor) -> LossOutput:
     """L_CLO with the stage's lambda, beta, direction and NLL reductions."""
@@ -65,7 +57,6 @@ def clo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tenso
     metrics = {k: v for k, v in out.metrics.items() if k not in ("loss", "nll_target")}
     metrics.update(train_loss=out.metrics["loss"], target_nll=out.metrics["nll_target"],
                    english_nll=_token_nll(policy[EN_CHOSEN], n_tokens[EN_CHOSEN]))
-    metrics.update(_direction_summary(metrics))
     return LossOutput(out.loss, metrics)
 
 
@@ -73,21 +64,13 @@ def dpo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tenso
                   n_tokens: torch.Tensor) -> LossOutput:
     """DPO (sigmoid or IPO) on both cross-lingual directions of each pair."""
     assert reference is not None, "dpo needs reference log-probs"
-    beta, variant = stage.beta, stage.dpo_variant
-    en = dpo_loss(policy[EN_CHOSEN], policy[EN_REJECTED], reference[EN_CHOSEN],
-                  reference[EN_REJECTED], beta=beta, variant=variant)
-    tgt = dpo_loss(policy[TGT_CHOSEN], policy[TGT_REJECTED], reference[TGT_CHOSEN],
-                   reference[TGT_REJECTED], beta=beta, variant=variant)
-    loss = en.loss + tgt.loss
-    if stage.pair_reduction == "mean":
-        loss = loss / 2
-    metrics = {f"en_{k}": v for k, v in en.metrics.items()}
-    metrics.update({f"target_{k}": v for k, v in tgt.metrics.items()})
-    metrics.update(train_loss=float(loss.detach()),
+    out = cl_loss(policy, reference, beta=stage.beta, directions=stage.pair_reduction,
+                  variant=stage.dpo_variant)
+    metrics = dict(out.metrics)
+    metrics.update(train_loss=float(out.loss.detach()),
                    target_nll=_token_nll(policy[TGT_CHOSEN], n_tokens[TGT_CHOSEN]),
                    english_nll=_token_nll(policy[EN_CHOSEN], n_tokens[EN_CHOSEN]))
-    metrics.update(_direction_summary(metrics))
-    return LossOutput(loss, metrics)
+    return LossOutput(out.loss, metrics)
 
 
 def sft_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tensor | None,

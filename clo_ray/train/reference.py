@@ -32,8 +32,8 @@ import torch
 from clo_ray import storage
 from clo_ray.errors import CloRayError
 from clo_ray.storage import StorageOptions
-from clo_ray.train.batches import Example, collate, n_sequences
-from clo_ray.train.losses import sequence_logps
+from clo_ray.train.batches import Example, n_sequences
+from clo_ray.train.logprobs import batched_response_logps
 
 # Bump when the encoding (batches.py) or this layout changes: every old cache then misses
 # instead of silently feeding stale numbers to a new encoding.
@@ -70,38 +70,18 @@ def reference_uri(storage_root: str, key: str) -> str:
     return storage.join(storage_root, "cache", "reference", key)
 
 
-@torch.no_grad()
 def compute_reference_logps(model: Any, examples: Sequence[Example], *, micro_batch: int,
                             pad_id: int | None) -> torch.Tensor:
     """Summed response log-probs [N, S] (float32, CPU) of ``model`` as it is now.
 
-    Micro-batches are formed from examples sorted by length (less padding, and padding does
-    not change the numbers); dropout is off while computing, and the model's train/eval mode
-    is restored afterwards.
+    Scored as training scores the policy (:func:`~clo_ray.train.logprobs.batched_response_logps`:
+    the response-only LM head, length-sorted micro-batches, dropout off, mode restored), so a
+    policy that equals its reference gets reward margins of 0.
     """
-    if not examples:
-        return torch.zeros((0, 0), dtype=torch.float32)
     if micro_batch <= 0:
         raise ReferenceCacheError(f"micro_batch must be positive, got {micro_batch}")
-    count = len(examples[0].input_ids)
-    device = next(model.parameters()).device
-    order = sorted(range(len(examples)),
-                   key=lambda i: max(len(ids) for ids in examples[i].input_ids))
-    out = torch.empty((len(examples), count), dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        for begin in range(0, len(order), micro_batch):
-            chunk = order[begin:begin + micro_batch]
-            batch = {k: v.to(device) for k, v in
-                     collate([examples[i] for i in chunk], pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-            logps, _ = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
-            out[chunk] = logps.view(count, len(chunk)).T.float().cpu()
-    finally:
-        model.train(was_training)
-    return out
+    logps, _ = batched_response_logps(model, examples, micro_batch=micro_batch, pad_id=pad_id)
+    return logps.float()
 
 
 def shard_name(rank: int, world: int) -> str:

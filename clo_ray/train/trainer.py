@@ -238,6 +238,34 @@ def ray_runtime_env() -> dict[str, Any]:
     return {"env_vars": dict(REPORT_POLL_ENV)}
 
 
+def driver_runtime_env() -> dict[str, Any]:
+    """:func:`ray_runtime_env` for a driver that may be a submitted job's (``ray job submit``).
+
+    Ray 2.60 merges the job's runtime env (its ``working_dir``, ``env_vars``, ...; passed to
+    the driver as ``RAY_JOB_CONFIG_JSON_ENV_VAR``) with the one the driver gives ``ray.init``,
+    and raises ValueError when both set the same field or env var, even to equal values
+    (``_merge_runtime_env``). The job's values are the user's explicit choice, so ours give
+    way on those keys and the rest is merged: the job keeps its working_dir either way.
+    """
+    import json
+    import os
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    env = ray_runtime_env()
+    injected = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not injected:
+        return env
+    job_env = json.loads(injected).get("runtime_env") or {}
+    taken = set(job_env.get("env_vars") or {})
+    env_vars = {k: v for k, v in env.pop("env_vars", {}).items() if k not in taken}
+    env = {k: v for k, v in env.items() if k not in job_env}
+    if taken & set(REPORT_POLL_ENV):
+        logger.info("the job's runtime_env sets %s: keeping the job's value",
+                    sorted(taken & set(REPORT_POLL_ENV)))
+    return {**env, "env_vars": env_vars} if env_vars else env
+
+
 def worker_env(use_gpu: bool) -> dict[str, str]:
     """Env of the train workers: CPU DeepSpeed without a GPU, and the driver's offline/cache
     settings (a worker resolving a model must look where the driver looked)."""
