@@ -25,13 +25,13 @@ SPEC = ROOT / "tests" / "specs" / "tiny_sweep.yaml"
 pytestmark = pytest.mark.slow
 
 
-def write_spec(tmp: Path, **changes) -> Path:
+def write_spec(tmp: Path, name: str = "spec.yaml", **changes) -> Path:
     data = yaml.safe_load(SPEC.read_text())
     data["run"]["storage"] = str(tmp / "runs")
     for key, value in changes.items():
         section, field = key.split(".")
         data[section][field] = value
-    path = tmp / "spec.yaml"
+    path = tmp / name
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -128,7 +128,7 @@ def test_resume_reruns_no_finished_trial_and_hits_the_caches(interrupted_and_res
 
 def test_a_changed_spec_under_the_same_run_name_is_refused(interrupted_and_resumed):
     tmp = interrupted_and_resumed["tmp"]
-    changed = write_spec(tmp, **{"evaluation.max_prompts": 3})
+    changed = write_spec(tmp, "changed.yaml", **{"evaluation.max_prompts": 3})
     done = subprocess.run(sweep_command(changed), cwd=tmp, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2
