@@ -290,17 +290,13 @@ def _write_cache(uri: str, fingerprint: str, result: Mapping[str, Any], prompts:
 
 def _read_cache(uri: str, fingerprint: str,
                 storage_options: StorageOptions) -> dict[str, Any] | None:
-    metrics_uri = storage.join(uri, METRICS_FILE)
-    if not storage.exists(metrics_uri, storage_options):
-        return None
-    with storage.open_input(metrics_uri, storage_options) as handle:
-        record = json.loads(handle.read().decode("utf-8"))
-    if record.get("fingerprint") != fingerprint:
-        logger.warning("evaluation cache %s was made with other inputs: recomputing", uri)
+    result = storage.read_fingerprinted(storage.join(uri, METRICS_FILE), fingerprint,
+                                        storage_options)
+    if result is None:
         return None
     with storage.open_input(storage.join(uri, ANSWERS_FILE), storage_options) as handle:
         table = pq.read_table(handle)
     answers = {"ids": table.column("id").to_pylist(),
                "target": table.column("answer_target").to_pylist(),
                "english": table.column("answer_english").to_pylist()}
-    return {**record["result"], "answers": answers}
+    return {**result, "answers": answers}

@@ -229,12 +229,6 @@ def _fingerprint(model_key: str, section: LmEvalSection) -> str:
 
 def _read_cache(uri: str, fingerprint: str,
                 storage_options: StorageOptions) -> LmEvalResult | None:
-    path = storage.join(uri, LM_EVAL_FILE)
-    if not storage.exists(path, storage_options):
-        return None
-    with storage.open_input(path, storage_options) as handle:
-        record = json.loads(handle.read().decode("utf-8"))
-    if record.get("fingerprint") != fingerprint:
-        logger.warning("lm-eval cache %s was made with other inputs: recomputing", path)
-        return None
-    return LmEvalResult(**record["result"])
+    result = storage.read_fingerprinted(storage.join(uri, LM_EVAL_FILE), fingerprint,
+                                        storage_options)
+    return None if result is None else LmEvalResult(**result)
