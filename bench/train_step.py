@@ -58,7 +58,7 @@ def model_dir(quick: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clo_ray.models import default_cache_dir, resolve_model
+    from clo_ray.models.resolve import default_cache_dir, resolve_model
 
     full = resolve_model("builtin:smollm2-135m")
     if not quick:
@@ -123,8 +123,10 @@ def variant_a(path: Path, args: argparse.Namespace) -> dict:
     """clo-ray: run_training on one Ray Train worker with DeepSpeed."""
     import ray
 
-    from clo_ray.spec import load_spec
-    from clo_ray.train.trainer import ray_runtime_env, read_history, run_training
+    from clo_ray.data.pairs import prepare_pairs
+    from clo_ray.ray_env import ray_runtime_env
+    from clo_ray.spec.schema import load_spec
+    from clo_ray.train.trainer import read_history, run_training
 
     storage = Path(tempfile.mkdtemp(prefix="bench-a-"))
     steps = args.warmup + args.steps
@@ -150,9 +152,8 @@ def variant_a(path: Path, args: argparse.Namespace) -> dict:
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=os.cpu_count(), runtime_env=ray_runtime_env())  # with its dashboard
     try:
-        result = run_training(spec, model=str(path), languages=[LANGUAGE], method="clo",
-                              budget=PAIRS, translations={LANGUAGE: sample_rows(PAIRS + 1)},
-                              run_name="bench")
+        pairs = prepare_pairs(spec, {LANGUAGE: sample_rows(PAIRS + 1)}, [LANGUAGE], PAIRS)
+        result = run_training(spec, pairs, model=str(path), method="clo", run_name="bench")
     finally:
         ray.shutdown()
     history = read_history(str(storage / "bench" / "train" / "bench" / "history.jsonl"))
@@ -168,7 +169,7 @@ def variant_d(path: Path, args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from clo_ray.models import select_parameters
+    from clo_ray.models.selectors import select_parameters
     from clo_ray.train.batches import collate
     from clo_ray.train.logprobs import response_logps
     from clo_ray.train.losses import clo_loss
@@ -209,7 +210,7 @@ def _trl(path: Path, args: argparse.Namespace, *, tuned: bool) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from clo_ray.models import select_parameters
+    from clo_ray.models.selectors import select_parameters
     from clo_ray.train.batches import format_prompt
 
     tokenizer, _, _ = encoded(path, args.max_length)

@@ -42,7 +42,7 @@ MODEL = "builtin:smollm2-135m"
 def segments(rows: int, max_chars: int) -> list[str]:
     """The translatable segment texts of the first ``rows`` sample rows, stage order."""
     from clo_ray.data.corpus import load_corpus
-    from clo_ray.data.segment import segment
+    from clo_ray.translate.segment import segment
 
     table = load_corpus("builtin:parallel-sample", max_rows=rows).table
     return [s.text for row in table.select(["prompt", "response"]).to_pylist()
@@ -52,7 +52,7 @@ def segments(rows: int, max_chars: int) -> list[str]:
 def bare_vllm(prompts: list[list[int]], max_new_tokens: int) -> dict[str, float]:
     from vllm import LLM, SamplingParams
 
-    from clo_ray.models import resolve_model
+    from clo_ray.models.resolve import resolve_model
 
     start = time.perf_counter()
     llm = LLM(model=str(resolve_model(MODEL)), dtype="float32", seed=0)
@@ -71,8 +71,8 @@ def bare_transformers(prompts: list[list[int]], max_new_tokens: int,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clo_ray.data.translators import generated_length
-    from clo_ray.models import resolve_model
+    from clo_ray.models.resolve import resolve_model
+    from clo_ray.translate.decoding import generated_length
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -98,7 +98,7 @@ def bare_transformers(prompts: list[list[int]], max_new_tokens: int,
 
 def make_spec(backend: str, storage: str, language: str, max_new_tokens: int,
               batch_size: int) -> Any:
-    from clo_ray.spec import load_spec
+    from clo_ray.spec.schema import load_spec
 
     return load_spec({
         "run": {"name": "bench", "storage": storage},
@@ -112,7 +112,7 @@ def make_spec(backend: str, storage: str, language: str, max_new_tokens: int,
 def stage(backend: str, rows: int, language: str, max_new_tokens: int,
           batch_size: int) -> dict[str, float]:
     from clo_ray.data.corpus import load_corpus
-    from clo_ray.data.translate import translate_corpus
+    from clo_ray.translate.stage import translate_corpus
 
     role = {"vllm": "vLLMEngineStageUDF", "causal": "CausalTranslator"}[backend]
     with tempfile.TemporaryDirectory() as storage:
@@ -150,8 +150,8 @@ def main() -> None:
     import ray.data
     from transformers import AutoTokenizer
 
-    from clo_ray.data.translators import encode_prompt
-    from clo_ray.models import resolve_model
+    from clo_ray.models.resolve import resolve_model
+    from clo_ray.translate.decoding import encode_prompt
 
     spec = make_spec("causal", ".", args.language, args.max_new_tokens, args.batch_size)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))

@@ -43,7 +43,7 @@ CREDENTIAL_OPTIONS = frozenset({"access_key", "secret_key", "session_token", "ac
                                 "key", "secret", "token"})
 # The AWS SDK's credential variables: every Ray process of a node inherits them from its
 # raylet (or the job's runtime_env), nothing of ours copies them anywhere (see
-# clo_ray.tune.keep_credentials_out_of_ray_logs).
+# clo_ray.ray_env.keep_credentials_out_of_ray_logs).
 CREDENTIAL_ENV_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                  "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from clo_ray.models import resolve_model
+from clo_ray.models.resolve import resolve_model
 from clo_ray.train.batches import (
     EncodingError,
     Example,

@@ -1,4 +1,4 @@
-"""Built-in models (:mod:`clo_ray.builtin_models`): tiny-llama's build, tokenizer and cache,
+"""Built-in models (:mod:`clo_ray.models.builtins`): tiny-llama's build, tokenizer and cache,
 SmolLM2's conversion, and tiny-llama in vLLM."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clo_ray import builtin_models
-from clo_ray.builtin_models import BUILD_COUNTS, BuiltinModel, materialize
-from clo_ray.models import parameter_count, resolve_model
+from clo_ray.models import builtins as builtin_models
+from clo_ray.models.builtins import BUILD_COUNTS, BuiltinModel, materialize
+from clo_ray.models.resolve import parameter_count, resolve_model
 
 TINY = "builtin:tiny-llama"
 

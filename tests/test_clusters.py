@@ -149,7 +149,7 @@ def test_launcher_node_types(cloud):
 @pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
 def test_paper_trial_and_translators_fit_a_node_type(cloud):
     """One paper trial (all its train workers) fits one GPU node; a translator actor fits too."""
-    from clo_ray.spec import load_spec
+    from clo_ray.spec.schema import load_spec
 
     spec = load_spec(ROOT / "sweeps" / "paper.yaml")
     res = spec.resources
@@ -165,8 +165,8 @@ def test_paper_trial_and_translators_fit_a_node_type(cloud):
 def test_paper_trials_ask_for_what_only_on_demand_nodes_have(cloud):
     """A trial's own process (and so its Train controller) must never land on a spot node:
     paper.yaml's trial_resources name a resource that on-demand types have and spot types lack."""
-    from clo_ray.spec import load_spec
-    from clo_ray.tune import trial_resources
+    from clo_ray.spec.schema import load_spec
+    from clo_ray.tune.tuner import trial_resources
 
     asked = trial_resources(load_spec(ROOT / "sweeps" / "paper.yaml"))
     custom = {k for k in asked if k not in ("CPU", "GPU", "memory")}
@@ -309,7 +309,7 @@ def _sweep_refs() -> set[str]:
 
 
 def test_every_referenced_sweep_validates():
-    from clo_ray.spec import load_spec
+    from clo_ray.spec.schema import load_spec
 
     refs = _sweep_refs()
     assert "sweeps/paper.yaml" in refs
@@ -327,8 +327,8 @@ def test_readme_shows_submit_and_port_forwarding():
 
 def test_readme_sizing_matches_the_plan():
     """The README's worked example quotes --plan for sweeps/paper.yaml: keep them in step."""
-    from clo_ray.plan import build_plan, format_plan
-    from clo_ray.spec import load_spec
+    from clo_ray.spec.plan import build_plan, format_plan
+    from clo_ray.spec.schema import load_spec
 
     paper = yaml.safe_load((ROOT / "sweeps" / "paper.yaml").read_text())
     plan = build_plan(load_spec(paper))

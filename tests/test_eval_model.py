@@ -20,9 +20,9 @@ from clo_ray.eval.generate import (
 from clo_ray.eval.heldout import HeldoutError, heldout_metrics
 from clo_ray.eval.judge import make_judge
 from clo_ray.eval.objective import objective
-from clo_ray.models import resolve_model
-from clo_ray.spec import EvaluationSection
-from clo_ray.spec_training import DEFAULT_PROMPT_TEMPLATE as TEMPLATE
+from clo_ray.models.resolve import resolve_model
+from clo_ray.spec.evaluation import EvaluationSection
+from clo_ray.spec.training import DEFAULT_PROMPT_TEMPLATE as TEMPLATE
 from clo_ray.train.batches import encode_examples
 from clo_ray.train.reference import compute_reference_logps
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from clo_ray.models import resolve_model
-from clo_ray.spec import EvaluationSection
-from clo_ray.spec_training import DEFAULT_PROMPT_TEMPLATE as TEMPLATE
+from clo_ray.models.resolve import resolve_model
+from clo_ray.spec.evaluation import EvaluationSection
+from clo_ray.spec.training import DEFAULT_PROMPT_TEMPLATE as TEMPLATE
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from conftest import sample_translations
 
-from clo_ray.data.translators import ParallelTranslator
+from clo_ray.translate.backends import ParallelTranslator
 
 TESTS = Path(__file__).resolve().parent
 NODE_SPEC = TESTS / "specs" / "faults_node.yaml"
@@ -210,8 +210,9 @@ class CrashOnceTranslator(ParallelTranslator):
 @pytest.mark.timeout(600)
 def test_a_translator_killed_mid_batch_loses_and_duplicates_no_row(ray_local, tmp_path):
     from clo_ray.data.corpus import load_corpus
-    from clo_ray.data.translate import read_table, translate_corpus
-    from clo_ray.spec import load_spec
+    from clo_ray.spec.schema import load_spec
+    from clo_ray.translate.cache import read_table
+    from clo_ray.translate.stage import translate_corpus
 
     spec = load_spec(translate_spec(tmp_path / "store", ["sw", "zh"], batch_size=4))
     corpus = load_corpus("builtin:parallel-sample", max_rows=24)
@@ -300,7 +301,7 @@ def test_a_full_disk_fails_atomic_writes_clearly_and_leaves_nothing(tmp_path):
 
 def _part_and_full_sizes(rows: int, part_rows: int) -> tuple[int, int]:
     """Parquet bytes of the largest part the translate stage writes and of its full output."""
-    from clo_ray.data.translate_cache import OUTPUT_SCHEMA, PART_SCHEMA
+    from clo_ray.translate.cache import OUTPUT_SCHEMA, PART_SCHEMA
 
     table = sample_translations("sw", rows).cast(OUTPUT_SCHEMA)
     part = table.append_column("pass", pa.array(["first"] * rows)).cast(PART_SCHEMA)
@@ -320,8 +321,9 @@ def test_a_full_disk_in_the_translate_stage_leaves_no_complete_looking_cache(ray
     """Parts fit under the limit, the whole translations file does not: the stage fails
     naming that file, no manifest says "done", and a re-run finishes from the parts."""
     from clo_ray.data.corpus import load_corpus
-    from clo_ray.data.translate import read_table, translate_corpus
-    from clo_ray.spec import load_spec
+    from clo_ray.spec.schema import load_spec
+    from clo_ray.translate.cache import read_table
+    from clo_ray.translate.stage import translate_corpus
 
     rows, part_rows = 40, 4
     part, full = _part_and_full_sizes(rows, part_rows)
@@ -331,9 +333,9 @@ def test_a_full_disk_in_the_translate_stage_leaves_no_complete_looking_cache(ray
     code, got = run_limited("""
         import ray
         from clo_ray.data.corpus import load_corpus
-        from clo_ray.data.quality import QualityConfig, check_translation
-        from clo_ray.data.translate import translate_corpus
-        from clo_ray.spec import load_spec
+        from clo_ray.translate.quality import QualityConfig, check_translation
+        from clo_ray.translate.stage import translate_corpus
+        from clo_ray.spec.schema import load_spec
         spec = load_spec(json.loads(sys.argv[2]))
         corpus = load_corpus("builtin:parallel-sample", max_rows=int(sys.argv[4]))
         ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)

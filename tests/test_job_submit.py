@@ -218,7 +218,7 @@ def test_a_submitted_jobs_runtime_env_and_ours_merge_in_ray(monkeypatch):
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    from clo_ray.train.trainer import REPORT_POLL_ENV, driver_runtime_env, ray_runtime_env
+    from clo_ray.ray_env import REPORT_POLL_ENV, driver_runtime_env, ray_runtime_env
 
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
     assert driver_runtime_env() == ray_runtime_env()  # not a job: unchanged

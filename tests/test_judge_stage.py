@@ -22,9 +22,10 @@ import yaml
 from clo_ray import storage
 from clo_ray.eval.judge import parse_verdict
 from clo_ray.eval.judge_stage import run_judge_stage
-from clo_ray.models import resolve_model
-from clo_ray.report import RESULTS_SCHEMA, load_results
-from clo_ray.spec import SweepSpec, load_spec
+from clo_ray.layout import RunLayout
+from clo_ray.models.resolve import resolve_model
+from clo_ray.report.schema import RESULTS_SCHEMA, load_results
+from clo_ray.spec.schema import SweepSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PROMPTS = 3
@@ -61,8 +62,8 @@ def sweep(tmp_path_factory) -> dict:
     from conftest import sample_translations
     from transformers import AutoModelForCausalLM
 
-    from clo_ray.eval.evaluate import load_answers, trial_eval_uri
-    from clo_ray.tune import evaluate_trial
+    from clo_ray.eval.evaluate import load_answers
+    from clo_ray.tune.tuner import evaluate_trial
 
     tmp = tmp_path_factory.mktemp("judge")
     spec = _spec(tmp / "runs")
@@ -75,7 +76,7 @@ def sweep(tmp_path_factory) -> dict:
                                  "checkpoint_000001", seed)
         metrics = evaluate_trial(spec, "builtin:tiny-llama", "sw", checkpoint, eval_uri,
                                  beta=0.1)
-        answers = load_answers(trial_eval_uri(spec.run.uri, checkpoint.path))
+        answers = load_answers(RunLayout.of(spec).trial_eval(checkpoint.path))
         trials[trial_id] = {"checkpoint": checkpoint.path, "metrics": metrics,
                             "answers": answers}
 
@@ -184,7 +185,7 @@ def test_base_opponent_and_objective_completed(sweep: dict) -> None:
 
 
 def test_judge_off_leaves_results_alone(sweep: dict) -> None:
-    from clo_ray.sweep import STAGES
+    from clo_ray.sweep.runner import STAGES
 
     assert STAGES.index("tune") < STAGES.index("judge") < STAGES.index("report")
     spec = _spec(sweep["tmp"] / "runs", enabled=False, model=None)

@@ -21,9 +21,10 @@ from pydantic import ValidationError
 
 from clo_ray import storage
 from clo_ray.eval.lm_eval import LmEvalError, flatten_results, run_lm_eval
-from clo_ray.models import resolve_model
-from clo_ray.spec import load_spec
-from clo_ray.spec_evaluation import EvaluationSection, LmEvalSection
+from clo_ray.layout import RunLayout
+from clo_ray.models.resolve import resolve_model
+from clo_ray.spec.evaluation import EvaluationSection, LmEvalSection
+from clo_ray.spec.schema import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK, FLIPPED = "clo_test_mc", "clo_test_mc_flipped"
@@ -181,9 +182,9 @@ def test_trial_reports_lm_eval_and_results_carry_it(tiny_dir: Path, tasks_dir: P
     from conftest import sample_translations
     from ray.tune import Result
 
-    from clo_ray.eval.evaluate import trial_eval_uri
-    from clo_ray.report import build_report, load_results
-    from clo_ray.tune import evaluate_trial, results_table
+    from clo_ray.report.build import build_report
+    from clo_ray.report.schema import load_results, results_table
+    from clo_ray.tune.tuner import evaluate_trial
 
     data = yaml.safe_load((ROOT / "tests" / "specs" / "tiny_sweep.yaml").read_text())
     data["run"]["storage"] = str(tmp_path / "runs")
@@ -199,7 +200,7 @@ def test_trial_reports_lm_eval_and_results_carry_it(tiny_dir: Path, tasks_dir: P
     score = metrics[f"lm_eval.{TASK}"]
     assert 0.0 <= score <= 1.0 and f"lm_eval.{TASK}.acc_norm" in metrics
     assert metrics["objective"] == pytest.approx(metrics["target_fidelity"] + score)
-    trial_uri = trial_eval_uri(spec.run.uri, checkpoint.path)
+    trial_uri = RunLayout.of(spec).trial_eval(checkpoint.path)
     for name in ("answers.parquet", "metrics.json", "lm_eval.json", "base.json"):
         assert storage.exists(storage.join(trial_uri, name)), name
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from clo_ray.spec import StageSpec
+from clo_ray.spec.training import StageSpec
 from clo_ray.train.losses import (
     EN_CHOSEN,
     EN_REJECTED,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clo_ray import builtin_models
-from clo_ray.builtin_models import TINY_LLAMA_CONFIG
 from clo_ray.errors import ModelResolutionError
-from clo_ray.models import (
+from clo_ray.models import builtins as builtin_models
+from clo_ray.models.builtins import TINY_LLAMA_CONFIG
+from clo_ray.models.resolve import (
     BUILTIN_MODELS,
     KNOWN_PARAMETER_COUNTS,
     is_builtin,

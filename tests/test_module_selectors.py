@@ -1,4 +1,4 @@
-"""Trainable-module selectors (:mod:`clo_ray.module_selectors`): module sets, layer ranges,
+"""Trainable-module selectors (:mod:`clo_ray.models.selectors`): module sets, layer ranges,
 regexes, selection by name only, known and fallback architectures."""
 
 from __future__ import annotations
@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clo_ray import models
-from clo_ray.builtin_models import TINY_LLAMA_CONFIG
 from clo_ray.errors import ModuleSelectionError
-from clo_ray.models import llama_style_parameter_count
-from clo_ray.module_selectors import MODULE_SETS, select_parameters
+from clo_ray.models.builtins import TINY_LLAMA_CONFIG
+from clo_ray.models.resolve import llama_style_parameter_count
+from clo_ray.models.selectors import MODULE_SETS, select_parameters
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +18,6 @@ def tiny_model():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA_CONFIG))
-
-
-def test_models_re_exports_the_selectors() -> None:
-    """Callers import the selectors from clo_ray.models, their home before the split."""
-    assert models.select_parameters is select_parameters and models.MODULE_SETS is MODULE_SETS
 
 
 def test_module_sets_on_tiny_llama(tiny_model) -> None:

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from clo_ray.errors import SpecError
-from clo_ray.plan import build_plan, format_plan
-from clo_ray.spec import load_spec
+from clo_ray.spec.plan import build_plan, format_plan
+from clo_ray.spec.schema import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "sweeps" / "paper.yaml"
@@ -120,7 +120,8 @@ def test_cli_typo_exits_2_naming_the_key_without_traceback():
 
 
 def test_plan_path_imports_neither_torch_nor_ray():
-    code = ("import sys; from clo_ray.sweep import main; main(['sweeps/paper.yaml', '--plan']); "
+    code = ("import sys; from clo_ray.sweep.__main__ import main; "
+            "main(['sweeps/paper.yaml', '--plan']); "
             "bad = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

@@ -7,7 +7,9 @@ import pyarrow as pa
 import pytest
 
 from clo_ray.assets import parallel_sample_path
-from clo_ray.data.quality import (
+from clo_ray.languages import langid_candidates
+from clo_ray.spec.sections import QualitySection
+from clo_ray.translate.quality import (
     REASONS,
     QualityConfig,
     check_translation,
@@ -15,9 +17,7 @@ from clo_ray.data.quality import (
     quality_report,
     repetition,
 )
-from clo_ray.data.segment import dropped_spans, missing_spans, reassemble, segment
-from clo_ray.languages import langid_candidates
-from clo_ray.spec_sections import QualitySection
+from clo_ray.translate.segment import dropped_spans, missing_spans, reassemble, segment
 
 with open(parallel_sample_path(), encoding="utf-8") as fh:
     SAMPLE = [json.loads(line) for line in fh]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clo_ray.models import resolve_model
+from clo_ray.layout import RunLayout
+from clo_ray.models.resolve import resolve_model
 from clo_ray.train import reference as ref
 from clo_ray.train.batches import Example, collate, encode_examples
 from clo_ray.train.losses import sequence_logps
@@ -57,7 +58,7 @@ def test_compute_matches_one_batch_and_restores_mode(tiny, examples, all_at_once
 
 def test_sharded_cache_round_trip(tiny, examples, all_at_once, tmp_path: Path) -> None:
     model, tokenizer = tiny
-    uri = ref.reference_uri(str(tmp_path), "k1")
+    uri = ref.reference_uri(RunLayout(str(tmp_path), "run").reference, "k1")
     assert uri == str(tmp_path / "cache" / "reference" / "k1")
     assert not ref.shard_complete(uri, 2)
     for rank in range(2):  # what each of 2 workers does

@@ -17,17 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from matplotlib.image import imread
 
-from clo_ray.report import (
-    RESULTS_SCHEMA,
-    ResultsError,
-    build_report,
-    format_value,
-    load_results,
-    main,
-    metric_mode,
-    pareto_front,
-    validate_results,
-)
+from clo_ray.report.__main__ import main
+from clo_ray.report.build import build_report
+from clo_ray.report.results import format_value, metric_mode, pareto_front
+from clo_ray.report.schema import RESULTS_SCHEMA, ResultsError, load_results, validate_results
 
 MODELS, LANGS, BUDGETS = ("m-a", "m-b"), ("sw", "ko"), (200, 800, 3200)
 QUALITY = {"clo": 0.7, "sft": 0.5, "sft_dpo": 0.6}

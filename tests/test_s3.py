@@ -300,7 +300,7 @@ def test_planted_secrets_reach_ray_but_no_object_and_no_log(s3_sweep):
 def test_credentials_in_storage_options_are_refused_naming_no_value():
     """A key in the spec would be saved in the run folder and Tune's state: refused."""
     from clo_ray.errors import SpecError
-    from clo_ray.spec import load_spec
+    from clo_ray.spec.schema import load_spec
 
     data = yaml.safe_load(SPEC.read_text())
     data["run"]["storage"] = f"s3://{BUCKET}/{PREFIX}"

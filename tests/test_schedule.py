@@ -4,8 +4,9 @@ and the optimizer holds only what trains. Plain torch on builtin:tiny-llama (no 
 import pytest
 import torch
 
-from clo_ray.models import resolve_model, select_parameters
-from clo_ray.spec import StageSpec
+from clo_ray.models.resolve import resolve_model
+from clo_ray.models.selectors import select_parameters
+from clo_ray.spec.training import StageSpec
 from clo_ray.train.losses import sequence_logps
 from clo_ray.train.schedule import (
     ScheduleError,

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from clo_ray.assets import parallel_sample_path
-from clo_ray.data.segment import (
+from clo_ray.translate.segment import (
     Segment,
     dropped_spans,
     missing_spans,

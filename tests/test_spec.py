@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from clo_ray.errors import SpecError
-from clo_ray.spec import SweepSpec, check_corpus_size, load_spec, spec_hash
-from clo_ray.spec_sections import CORPUS_FORMATS
+from clo_ray.layout import RunLayout
+from clo_ray.spec.schema import SweepSpec, check_corpus_size, load_spec, spec_hash
+from clo_ray.spec.sections import CORPUS_FORMATS
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = Path(__file__).resolve().parent / "specs"
@@ -52,7 +53,7 @@ def test_minimal_spec_takes_documented_defaults():
     spec = load_spec(SPECS / "minimal.yaml")
     # relative local paths become absolute (Ray workers run elsewhere), against the cwd
     assert spec.run.storage == os.path.abspath("runs") and spec.run.seed == 0
-    assert spec.run.uri == os.path.abspath("runs/minimal")
+    assert RunLayout.of(spec).uri == os.path.abspath("runs/minimal")
     assert spec.corpus.format == "auto" and spec.corpus.source_language == "en"
     assert spec.translator.path == "builtin:parallel-sample"  # parallel backend's default
     assert spec.models[0].label == "tiny-llama" and spec.models[0].trust_remote_code is False

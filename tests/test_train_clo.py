@@ -23,10 +23,13 @@ import pytest
 import torch
 from conftest import sample_translations
 
-from clo_ray.models import resolve_model, select_parameters
-from clo_ray.spec import load_spec
+from clo_ray.data.pairs import prepare_pairs
+from clo_ray.models.resolve import resolve_model
+from clo_ray.models.selectors import select_parameters
+from clo_ray.ray_env import ray_runtime_env
+from clo_ray.spec.schema import load_spec
 from clo_ray.train.checkpoint import export_model, load_model, load_trained, read_manifest
-from clo_ray.train.trainer import ray_runtime_env, read_history, run_training
+from clo_ray.train.trainer import read_history, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +67,8 @@ def train(storage: Path, zero_stage: int, name: str, *, max_failures: int = 0, s
           method: str = "clo", **extra):
     spec = spec_for(storage, zero_stage, max_failures=max_failures, stages=stages,
                     method=method)
-    return run_training(spec, model=TINY, languages=["sw"], method=method, budget=BUDGET,
-                        translations={"sw": sample_translations("sw")}, run_name=name,
+    pairs = prepare_pairs(spec, {"sw": sample_translations("sw")}, ["sw"], BUDGET)
+    return run_training(spec, pairs, model=TINY, method=method, run_name=name,
                         extra_config={"sample_log": str(storage / "samples" / name), **extra})
 
 

@@ -4,8 +4,8 @@ the micro-batched scorer (reference log-probs, held-out metrics) gives them in e
 import pytest
 import torch
 
-from clo_ray.models import resolve_model
-from clo_ray.spec import StageSpec
+from clo_ray.models.resolve import resolve_model
+from clo_ray.spec.training import StageSpec
 from clo_ray.train.batches import collate, encode_examples
 from clo_ray.train.logprobs import ResponseLogps, batched_response_logps, response_logps
 from clo_ray.train.losses import sequence_logps

@@ -5,9 +5,11 @@ them and the training completes."""
 import pytest
 from conftest import sample_translations
 
-from clo_ray.spec import load_spec
+from clo_ray.data.pairs import prepare_pairs
+from clo_ray.ray_env import ray_runtime_env
+from clo_ray.spec.schema import load_spec
 from clo_ray.train.checkpoint import read_manifest
-from clo_ray.train.trainer import ray_runtime_env, run_training
+from clo_ray.train.trainer import run_training
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +49,8 @@ def test_two_workers_on_two_nodes(two_nodes, tmp_path):
                   "report_every": 1, "gradient_checkpointing": False},
         "evaluation": {"holdout": 8},
     })
-    result = run_training(spec, model="builtin:tiny-llama", languages=["sw"], method="clo",
-                          budget=8, translations={"sw": sample_translations("sw")},
+    pairs = prepare_pairs(spec, {"sw": sample_translations("sw")}, ["sw"], 8)
+    result = run_training(spec, pairs, model="builtin:tiny-llama", method="clo",
                           run_name="two-nodes")
     assert result.metrics["step"] == 2
     assert read_manifest(result.checkpoint.path)["complete"]

@@ -11,12 +11,14 @@ import pytest
 import torch
 from conftest import sample_translations
 
-from clo_ray.models import resolve_model
-from clo_ray.spec import load_spec
+from clo_ray.data.pairs import prepare_pairs
+from clo_ray.models.resolve import resolve_model
+from clo_ray.ray_env import ray_runtime_env
+from clo_ray.spec.schema import load_spec
 from clo_ray.train.batches import encode_examples
 from clo_ray.train.checkpoint import export_model
 from clo_ray.train.reference import compute_reference_logps
-from clo_ray.train.trainer import prepare_pairs, ray_runtime_env, run_training
+from clo_ray.train.trainer import run_training
 
 pytestmark = pytest.mark.slow
 
@@ -85,15 +87,15 @@ def test_clo_raises_held_out_direction_accuracy(smollm2_cut, tmp_path):
 
     spec = spec_for(tmp_path, smollm2_cut)
     translations = {"sw": sample_translations("sw")}
-    pairs = prepare_pairs(spec, ["sw"], BUDGET, translations)
+    pairs = prepare_pairs(spec, translations, ["sw"], BUDGET)
     eval_table = pq.read_table(pairs.eval_uri)
     base = held_out_logps(smollm2_cut, eval_table)
     start = direction_accuracy(base, base)  # no preference yet: every margin is 0
 
     ray.init(num_cpus=4, runtime_env=ray_runtime_env())
     try:
-        result = run_training(spec, model=str(smollm2_cut), languages=["sw"], method="clo",
-                              budget=BUDGET, translations=translations, run_name="smol")
+        result = run_training(spec, pairs, model=str(smollm2_cut), method="clo",
+                              run_name="smol")
     finally:
         ray.shutdown()
     trained = held_out_logps(export_model(result.checkpoint.path, tmp_path / "export"),

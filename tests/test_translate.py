@@ -18,13 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from clo_ray.assets import parallel_sample_path
-from clo_ray.data import translate as stage
 from clo_ray.data.corpus import load_corpus
-from clo_ray.data.quality import REASONS
-from clo_ray.data.translate import TranslationError, read_table, translate_corpus
-from clo_ray.data.translate_cache import OUTPUT_SCHEMA, TranslationCache, translation_key
 from clo_ray.errors import LanguageError, StorageError
-from clo_ray.spec import load_spec
+from clo_ray.spec.schema import load_spec
+from clo_ray.translate import stage
+from clo_ray.translate.backends import TranslationError
+from clo_ray.translate.cache import OUTPUT_SCHEMA, TranslationCache, read_table, translation_key
+from clo_ray.translate.quality import REASONS
+from clo_ray.translate.stage import translate_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +211,7 @@ def test_unknown_language_and_unreadable_or_unwritable_storage(tmp_path):
 
 
 def test_cli_runs_the_smoke_spec(ray_session, tmp_path, monkeypatch, capsys):
-    from clo_ray.translate import main
+    from clo_ray.translate.__main__ import main
 
     monkeypatch.chdir(tmp_path)  # smoke.yaml's storage "runs" is relative
     assert main([str(ROOT / "sweeps" / "smoke.yaml"), "--quiet"]) == 0

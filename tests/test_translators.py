@@ -17,17 +17,13 @@ import pytest
 from clo_ray import languages
 from clo_ray.assets import parallel_sample_path
 from clo_ray.data.corpus import load_corpus
-from clo_ray.data.translate import read_table, translate_corpus
-from clo_ray.data.translators import (
-    Decoding,
-    Seq2SeqTranslator,
-    encode_prompt,
-    seq2seq_code,
-    seq2seq_family,
-)
 from clo_ray.errors import LanguageError
-from clo_ray.models import resolve_model
-from clo_ray.spec import load_spec
+from clo_ray.models.resolve import resolve_model
+from clo_ray.spec.schema import load_spec
+from clo_ray.translate.backends import Seq2SeqTranslator, seq2seq_code, seq2seq_family
+from clo_ray.translate.cache import read_table
+from clo_ray.translate.decoding import Decoding, encode_prompt
+from clo_ray.translate.stage import translate_corpus
 
 M2M = "builtin:tiny-m2m100"
 LLAMA = "builtin:tiny-llama"

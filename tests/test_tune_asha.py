@@ -32,11 +32,14 @@ import yaml
 from ray.tune.schedulers import TrialScheduler
 from ray.util.state import list_actors, list_placement_groups
 
-from clo_ray import load_spec, run_sweep
-from clo_ray.report import pareto_front
-from clo_ray.train.trainer import ray_runtime_env
-from clo_ray.tune import trial_run_name
-from clo_ray.tune_search import Cell, CellScheduler, grid_cells
+from clo_ray import run_sweep
+from clo_ray.layout import RunLayout
+from clo_ray.ray_env import ray_runtime_env
+from clo_ray.report.results import pareto_front
+from clo_ray.spec.grid import Cell, grid_cells
+from clo_ray.spec.schema import load_spec
+from clo_ray.tune.searcher import CellScheduler
+from clo_ray.tune.tuner import trial_run_name
 
 SPECS = Path(__file__).resolve().parent / "specs"
 STEPS = 7  # the asha_stop.yaml schedule; ASHA rungs at steps 1, 2, 4
@@ -52,7 +55,7 @@ def free_port() -> int:
 
 def test_cell_scheduler_stops_within_a_cell_only_and_only_on_training_reports():
     """One ASHA per cell: a trial is judged against its own cell's rungs, never another's."""
-    clo, sft = (Cell("builtin:tiny-llama", "tiny", "sw", method, 8) for method in ("clo", "sft"))
+    clo, sft = (Cell("tiny", "sw", method, 8) for method in ("clo", "sft"))
     scheduler = CellScheduler(metric="target_nll", mode="min", grace_period_steps=2,
                               reduction_factor=2)
     trials = {name: SimpleNamespace(trial_id=name, config={"cell": asdict(cell)})
@@ -117,7 +120,7 @@ def train_runs(cluster) -> dict[str, dict]:
 def asha(cluster):
     spec = spec_in("asha_stop.yaml", cluster["tmp"])
     grid = run_sweep(spec)
-    run_dir = Path(spec.run.uri)
+    run_dir = Path(RunLayout.of(spec).uri)
     trials = {str(r.metrics.get("trial_id")): r for r in grid}
     rows = [r for r in pq.read_table(run_dir / "results.parquet").to_pylist()
             if r["method"] != "base"]
@@ -191,7 +194,7 @@ def pareto(cluster, asha):  # after the ASHA sweep: one sweep at a time on the 2
     url = f"sqlite:///{cluster['tmp'] / 'optuna.db'}"
     spec = spec_in("asha_pareto.yaml", cluster["tmp"], optuna_storage=url)
     run_sweep(spec)
-    run_dir = Path(spec.run.uri)
+    run_dir = Path(RunLayout.of(spec).uri)
     rows = [r for r in pq.read_table(run_dir / "results.parquet").to_pylist()
             if r["method"] != "base"]
     return {"spec": spec, "url": url, "rows": rows, "run_dir": run_dir}

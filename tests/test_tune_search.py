@@ -8,8 +8,9 @@ import pytest
 import ray
 from ray import tune
 
-from clo_ray.spec import load_spec
-from clo_ray.tune_search import STATE_FILE, CellSearcher, cell_of, grid_cells, optuna_space
+from clo_ray.spec.grid import cell_of, grid_cells
+from clo_ray.spec.schema import load_spec
+from clo_ray.tune.searcher import STATE_FILE, CellSearcher, optuna_space
 
 
 def tiny_spec(**search):

@@ -16,7 +16,10 @@ appears once per language. An id held out in any language is kept out of every l
 train split: otherwise its English side (x_en, y_en) would be trained on through another
 language and leak into the English half of the eval.
 
-No torch here: the sweep driver runs this without the training stack.
+The pairs stage (:func:`prepare_pairs`, :func:`prepare_sweep_pairs`) writes each split once,
+by content, under the run layout's pairs cache; trials are handed the :class:`PreparedPairs`
+locations and never load the corpus or the translations themselves. No torch here: the sweep
+driver runs this without the training stack.
 """
 
 from __future__ import annotations
@@ -24,13 +27,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clo_ray import storage
 from clo_ray.errors import CloRayError
+from clo_ray.layout import RunLayout
+
+if TYPE_CHECKING:
+    from clo_ray.spec.schema import SweepSpec
 
 # The translate stage's output columns that training reads (``reasons`` is optional).
 REQUIRED_COLUMNS = ("id", "language", "prompt_en", "response_en", "prompt", "response")
@@ -100,6 +109,74 @@ def pairs_fingerprint(table: pa.Table) -> str:
 def rank_key(seed: int, row_id: str) -> str:
     """The sort key of a row: stable across files, row order and Python versions."""
     return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------- the pairs stage
+
+
+@dataclass(frozen=True)
+class PreparedPairs:
+    """One data set in storage: training pairs (the budget) and the held-out evaluation pairs.
+
+    What the pairs stage hands a trial (or ``python -m clo_ray.train``): locations, not rows.
+    """
+
+    train_uri: str
+    eval_uri: str
+    fingerprint: str  # of the training pairs: part of every reference-cache key
+    n_train: int
+    n_eval: int
+    languages: tuple[str, ...]
+    budget: str  # pairs per language as given: "200", or "200+100" (one per language)
+
+
+def prepare_pairs(spec: SweepSpec, tables: Mapping[str, pa.Table], languages: Sequence[str],
+                  budget: int | Mapping[str, int]) -> PreparedPairs:
+    """Budget subset and held-out split of the translations ``tables``, written once by content.
+
+    ``budget`` is pairs per language (one number for all, or one per language). The split is
+    :func:`split_pairs` (one language) / :func:`split_multi` (several): nested budgets and a
+    fixed held-out set under ``spec.run.seed``.
+    """
+    languages = list(languages)
+    if not languages:
+        raise PairsError("at least one target language is needed")
+    missing = [lang for lang in languages if lang not in tables]
+    if missing:
+        raise PairsError(f"no translations for {missing} (have {sorted(tables)})")
+    budgets = budget if isinstance(budget, Mapping) else dict.fromkeys(languages, int(budget))
+    holdout, seed = spec.evaluation.holdout, spec.run.seed
+    if len(languages) == 1:
+        split = split_pairs(tables[languages[0]], budget=budgets[languages[0]],
+                            holdout=holdout, seed=seed)
+    else:
+        split = split_multi({lang: tables[lang] for lang in languages},
+                            {lang: budgets[lang] for lang in languages}, holdout=holdout,
+                            seed=seed)
+    layout = RunLayout.of(spec)
+    fingerprint = pairs_fingerprint(split.train)
+    train_uri = storage.join(layout.pairs, f"{fingerprint}.train.parquet")
+    eval_uri = storage.join(layout.pairs, f"{pairs_fingerprint(split.eval)}.eval.parquet")
+    for uri, table in ((train_uri, split.train), (eval_uri, split.eval)):
+        if not storage.exists(uri, layout.options):
+            storage.write_parquet_atomic(uri, table, layout.options)
+    label = "+".join(str(budgets[lang]) for lang in languages) \
+        if isinstance(budget, Mapping) else str(budget)
+    return PreparedPairs(train_uri, eval_uri, fingerprint, split.train.num_rows,
+                         split.eval.num_rows, tuple(languages), label)
+
+
+def pairs_key(language: str, budget: int) -> str:
+    """The key of one grid data set in :func:`prepare_sweep_pairs`' result: ``sw/200``."""
+    return f"{language}/{budget}"
+
+
+def prepare_sweep_pairs(spec: SweepSpec, tables: Mapping[str, pa.Table]
+                        ) -> dict[str, PreparedPairs]:
+    """The pairs stage of a sweep: every (languages, budget) of the grid once, by
+    :func:`pairs_key`. A multi-target grid language (``sw+yo``) is one data set."""
+    return {pairs_key(language, budget): prepare_pairs(spec, tables, language.split("+"), budget)
+            for language in spec.languages for budget in spec.budgets}
 
 
 # ------------------------------------------------------------------------------ internals

@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -56,7 +55,7 @@ from clo_ray.eval.generate import (
 from clo_ray.eval.heldout import heldout_metrics
 from clo_ray.eval.judge import JudgeGenerate, JudgeResult, judge_pairwise, make_judge
 from clo_ray.eval.objective import objective
-from clo_ray.spec import EvaluationSection
+from clo_ray.spec.evaluation import EvaluationSection
 from clo_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -144,17 +143,6 @@ def scalar_metrics(result: Mapping[str, Any]) -> dict[str, float]:
             if k not in EXTRA_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def trial_eval_uri(run_uri: str, checkpoint: str) -> str:
-    """Where a trial's evaluation (answers.parquet, metrics.json, lm_eval.json) is kept:
-    ``<run>/eval/<train run>/<checkpoint>``, from the last two parts of its checkpoint path.
-
-    Derived from the checkpoint, which results.parquet records, so the judge stage finds
-    every trial's answers without a second index; a re-trained checkpoint gets a new folder.
-    """
-    parts = [p for p in checkpoint.replace("\\", "/").rstrip("/").split("/") if p][-2:]
-    safe = [re.sub(r"[^A-Za-z0-9_.=-]+", "_", p) for p in parts]
-    return storage.join(run_uri, "eval", *safe)
-
 
 def link_base(trial_uri: str, base_uri: str, storage_options: StorageOptions = None) -> None:
     """Record in a trial's folder where its base model's evaluation is (the judge's opponent
@@ -224,7 +212,7 @@ def _judge(evaluation: EvaluationSection, judge: JudgeGenerate | None,
         logger.info("judge enabled but no opponent answers here: judge metrics not measured "
                     "(a sweep judges after tuning, clo_ray.eval.judge_stage)")
         return {}
-    from clo_ray.models import resolve_model
+    from clo_ray.models.resolve import resolve_model
 
     section = evaluation.judge
     own = judge is None

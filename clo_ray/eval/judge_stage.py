@@ -11,7 +11,7 @@ one more model per trial. So the sweep judges here, once, between tune and repor
    warning, when none has that metric); with ``judge.opponent: base`` every completed trial
    is judged against the untrained model's answers;
 2. both sides' answers come from storage: each trial's evaluation folder
-   (:func:`clo_ray.eval.evaluate.trial_eval_uri`, written by the trial) holds them;
+   (:meth:`clo_ray.layout.RunLayout.trial_eval`, written by the trial) holds them;
 3. each pair is judged on the target-language and on the English prompts, both answer orders
    (:func:`clo_ray.eval.judge.judge_pairwise`: ties and unparseable verdicts counted apart);
    the verdict counts and the judge's raw replies are cached under
@@ -40,9 +40,10 @@ import pyarrow as pa
 
 from clo_ray import storage
 from clo_ray.errors import CloRayError
-from clo_ray.eval.evaluate import linked_base, load_answers, objective_or_none, trial_eval_uri
+from clo_ray.eval.evaluate import linked_base, load_answers, objective_or_none
 from clo_ray.eval.judge import JUDGE_PROMPT, JudgeGenerate, JudgeResult, judge_pairwise
-from clo_ray.spec import SweepSpec
+from clo_ray.layout import RunLayout
+from clo_ray.spec.schema import SweepSpec
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +77,14 @@ def run_judge_stage(spec: SweepSpec, *, results_uri: str | None = None,
     ``judge``: a ready judge callable (prompts -> replies); default :func:`make_judge` from
     ``evaluation.judge``, loaded only if some pair is not cached, and closed at the end.
     """
-    from clo_ray.report import RESULTS_FILE, load_results, validate_results
+    from clo_ray.report.schema import load_results, validate_results
 
     section = spec.evaluation.judge
     if not section.enabled:
         logger.info("judge stage: evaluation.judge is off, nothing to judge")
         return None
     options = spec.run.storage_options or None
-    results_uri = results_uri or storage.join(spec.run.uri, RESULTS_FILE)
+    results_uri = results_uri or RunLayout.of(spec).results
     loaded = load_results(results_uri, options)
     rows = loaded.to_pylist()
     for row in rows:  # every judge value below comes from this run (judged or cached)
@@ -160,7 +161,7 @@ def _best_sft(done: list[dict[str, Any]], row: Mapping[str, Any],
 
 
 def _eval_uri(spec: SweepSpec, row: Mapping[str, Any]) -> str:
-    return trial_eval_uri(spec.run.uri, str(row["checkpoint"]))
+    return RunLayout.of(spec).trial_eval(str(row["checkpoint"]))
 
 
 # ------------------------------------------------------------------------------ judging
@@ -177,7 +178,7 @@ class _LazyJudge:
             return self.given(prompts)
         if self.own is None:
             from clo_ray.eval.judge import make_judge
-            from clo_ray.models import resolve_model
+            from clo_ray.models.resolve import resolve_model
 
             self.own = make_judge(resolve_model(self.section.model or ""),
                                   self.section.backend, self.section.max_new_tokens)
@@ -210,7 +211,7 @@ def _judge_pair(spec: SweepSpec, row: Mapping[str, Any], opponent: Mapping[str, 
     summary.pairs[row["trial_id"]] = BASE if isinstance(opponent, str) else str(label)
     section = spec.evaluation.judge
     key = _cache_key(section.model or "", section.max_new_tokens, mine, theirs)
-    cache = storage.join(spec.run.storage, "cache", "judge", f"{key}.json")
+    cache = RunLayout.of(spec).judge_verdict(key)
     if storage.exists(cache, options):
         with storage.open_input(cache, options) as handle:
             hit = json.loads(handle.read().decode("utf-8"))

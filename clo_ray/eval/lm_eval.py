@@ -43,7 +43,7 @@ from typing import Any
 
 from clo_ray import storage
 from clo_ray.errors import CloRayError
-from clo_ray.spec_evaluation import LmEvalSection
+from clo_ray.spec.evaluation import LmEvalSection
 from clo_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)

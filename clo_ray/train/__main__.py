@@ -62,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     import ray
 
-    from clo_ray.spec import load_spec
+    from clo_ray.data.pairs import prepare_pairs
+    from clo_ray.ray_env import driver_runtime_env
+    from clo_ray.spec.schema import load_spec
     from clo_ray.train.checkpoint import export_model
-    from clo_ray.train.trainer import driver_runtime_env, run_training
+    from clo_ray.train.trainer import run_training
+    from clo_ray.translate.stage import load_translations
 
     try:
         spec = load_spec(args.spec)
@@ -76,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus,
                  runtime_env=driver_runtime_env())
     try:
-        result = run_training(spec, model=args.model, languages=args.language,
-                              method=args.method, budget=args.budget, overrides=overrides,
-                              run_name=args.run_name)
+        tables = load_translations(spec, list(args.language))
+        pairs = prepare_pairs(spec, tables, args.language, args.budget)
+        result = run_training(spec, pairs, model=args.model, method=args.method,
+                              overrides=overrides, run_name=args.run_name)
     except CloRayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -131,7 +131,7 @@ def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> 
     """The full trained model: the manifest's base model with every stage applied."""
     from transformers import AutoModelForCausalLM
 
-    from clo_ray.models import resolve_model
+    from clo_ray.models.resolve import resolve_model
 
     base = resolve_model(read_manifest(directory)["base_model"])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
@@ -148,7 +148,7 @@ def export_model(checkpoint_dir: str | Path, out_dir: str | Path, *,
     """
     from transformers import AutoTokenizer
 
-    from clo_ray.models import resolve_model
+    from clo_ray.models.resolve import resolve_model
 
     manifest = read_manifest(checkpoint_dir)
     model = load_model(checkpoint_dir, dtype=dtype)

@@ -41,8 +41,8 @@ from typing import Any
 import ray.train
 import torch
 
-from clo_ray.models import resolve_model
-from clo_ray.spec import StageSpec
+from clo_ray.models.resolve import resolve_model
+from clo_ray.spec.training import StageSpec
 from clo_ray.train import worker
 from clo_ray.train.batches import batches, collate, encode_examples
 from clo_ray.train.deepspeed_config import deepspeed_config, prepare_cpu_deepspeed

@@ -3,7 +3,7 @@
 Each objective takes the summed response log-probs of one micro-batch shaped ``[S, P]`` (S
 sequences per pair in :mod:`clo_ray.train.batches` order, P pairs), calls the pure function
 of :mod:`clo_ray.train.losses` with the stage's settings, and names its metrics the way Ray
-Tune and the spec see them (``clo_ray.spec.TRAINING_METRICS``): ``train_loss``,
+Tune and the spec see them (``clo_ray.spec.schema.TRAINING_METRICS``): ``train_loss``,
 ``target_nll``, ``english_nll``, ``preference_accuracy`` (the share of pairs right in both
 directions, as evaluation defines it: :func:`~clo_ray.train.losses.preference_accuracy`),
 ``reward_margin``, plus the per-direction ones (``en_reward_margin``,
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from clo_ray.spec import StageSpec
+from clo_ray.spec.training import StageSpec
 from clo_ray.train.losses import (
     EN_CHOSEN,
     TGT_CHOSEN,

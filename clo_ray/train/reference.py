@@ -5,7 +5,8 @@ log-probs depend only on (model, data, encoding), so they are computed once, bef
 and kept in storage under a content key (:func:`reference_key`); every later trial and stage
 with the same key reads them instead of computing, and training never holds a second model.
 
-Layout: ``<storage_root>/cache/reference/<key>/shard-RRRRR-of-WWWWW.parquet``, one file per
+Layout: ``<storage>/cache/reference/<key>/shard-RRRRR-of-WWWWW.parquet`` (the root is
+:attr:`clo_ray.layout.RunLayout.reference`), one file per
 train worker (worker ``r`` of ``w`` computes ``examples[r::w]``), columns ``id``,
 ``language``, ``logps`` (list<double>, one value per sequence). Files are written atomically,
 so a file that exists is complete; a cache is usable once every shard of one worker count is
@@ -65,9 +66,9 @@ def reference_key(model_ref: str, data_fingerprint: str, template: str, max_leng
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
 
 
-def reference_uri(storage_root: str, key: str) -> str:
-    """Where the cache of ``key`` lives: ``<storage_root>/cache/reference/<key>``."""
-    return storage.join(storage_root, "cache", "reference", key)
+def reference_uri(root: str, key: str) -> str:
+    """Where the cache of ``key`` lives under the reference root (``RunLayout.reference``)."""
+    return storage.join(root, key)
 
 
 def compute_reference_logps(model: Any, examples: Sequence[Example], *, micro_batch: int,

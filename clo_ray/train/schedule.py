@@ -1,13 +1,13 @@
 """Stages of a schedule: which parameters train, for how long, against which reference.
 
-A schedule is a list of :class:`~clo_ray.spec.StageSpec`. CLO is one stage (attention only,
+A schedule is a list of :class:`~clo_ray.spec.schema.StageSpec`. CLO is one stage (attention only,
 the paper); SFT+DPO is an sft stage then a dpo stage. Every stage starts from a plain
 Hugging Face model holding the base weights plus everything earlier stages trained, and:
 
 1. :func:`prepare_stage_model` sets the trainable set *before* ``deepspeed.initialize``
    (ZeRO-3 partitions parameters to shape ``[0]`` afterwards, and DeepSpeed builds its
    optimizer partitions from ``requires_grad``): ``requires_grad`` is False everywhere and
-   True only for :func:`clo_ray.models.select_parameters` names; with ``lora`` the selected
+   True only for :func:`clo_ray.models.resolve.select_parameters` names; with ``lora`` the selected
    Linear/Embedding modules get peft adapters instead and only those train;
 2. :func:`build_optimizer` gives AdamW the trainable parameters only;
 3. :func:`stage_steps` is the stage's length in optimizer steps;
@@ -24,11 +24,12 @@ from typing import Any
 import torch
 
 from clo_ray.errors import CloRayError
-from clo_ray.models import select_parameters
-from clo_ray.spec import StageSpec, search_key
+from clo_ray.models.selectors import select_parameters
+from clo_ray.spec.search_space import search_key
+from clo_ray.spec.training import LOSS_FIELDS, StageSpec
 
 REFERENCE_LOSSES = ("clo", "dpo")
-# Search keys (clo_ray.spec.SEARCH_FIELDS) -> StageSpec attribute.
+# Search keys (clo_ray.spec.schema.SEARCH_FIELDS) -> StageSpec attribute.
 _OVERRIDE_ATTRS = {"lambda": "lambda_", "lora_r": "lora"}
 
 
@@ -82,6 +83,15 @@ def apply_overrides(stages: Sequence[StageSpec], overrides: Mapping[str, Any]) -
         for stage in touched:
             _set(stage, field, value)
     return [StageSpec.model_validate(s.model_dump(by_alias=True)) for s in updated]
+
+
+def preference_beta(stages: Sequence[StageSpec]) -> float:
+    """The beta a run's implicit reward is measured with: that of its last clo / dpo stage
+    (after search overrides, so a searched ``beta`` or ``dpo.beta`` counts), else the spec's
+    default (0.1) for runs without a preference stage (SFT: its held-out reward margin is
+    still measured, against the base model)."""
+    betas = [stage.beta for stage in stages if stage.loss in REFERENCE_LOSSES and stage.beta]
+    return float(betas[-1]) if betas else float(LOSS_FIELDS["beta"][1])
 
 
 def _overridable(stage: StageSpec, field: str) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from clo_ray import storage
-from clo_ray.spec import StageSpec
+from clo_ray.spec.training import StageSpec
 from clo_ray.train import checkpoint as ckpt
 from clo_ray.train.schedule import lora_config_dict, needs_reference, trainable_parameters
 

@@ -1,0 +1,1 @@
+"""Model references (hub id, local dir, built-ins) and trainable-module selectors."""

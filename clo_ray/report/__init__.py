@@ -1,0 +1,1 @@
+"""The report stage: results.parquet's contract, paper-style tables and plots."""

@@ -1,0 +1,1 @@
+"""The sweep: every stage in order over storage, resumable."""

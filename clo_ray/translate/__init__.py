@@ -1,0 +1,1 @@
+"""The translate stage: Ray Data over translator actors, quality checks, the cache."""

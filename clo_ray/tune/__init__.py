@@ -1,0 +1,1 @@
+"""Ray Tune over the grid: the Tuner, per-cell Optuna searcher and ASHA, the trial."""

@@ -1,0 +1,97 @@
+"""Ray Tune over the grid: one experiment, every cell searched by its own Optuna study.
+
+Each sample is a trial (:func:`clo_ray.tune.trainable.run_trial`: train, evaluate, report);
+:class:`~clo_ray.tune.searcher.CellSearcher` routes suggestions to the cell's study and
+:class:`~clo_ray.tune.searcher.CellScheduler` applies ASHA within a cell.
+
+:func:`build_tuner` returns a plain ``ray.tune.Tuner`` (restored from storage when the
+experiment exists), so users can add callbacks or change the scheduler before ``fit()``::
+
+    from clo_ray import load_spec, build_tuner
+    tuner = build_tuner(load_spec("sweeps/smoke.yaml"))
+    grid = tuner.fit()
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from clo_ray import storage
+from clo_ray.data.pairs import PreparedPairs
+from clo_ray.layout import RunLayout
+from clo_ray.ray_env import keep_credentials_out_of_ray_logs, trial_resources
+from clo_ray.spec.grid import grid_cells
+from clo_ray.spec.schema import SweepSpec
+from clo_ray.tune.searcher import CellScheduler, CellSearcher, searcher_metrics
+from clo_ray.tune.trainable import run_trial
+
+logger = logging.getLogger(__name__)
+
+
+def concurrent_trials(spec: SweepSpec) -> int:
+    """How many trials may run at once: ``search.max_concurrent_trials``, else as many as the
+    cluster's current CPUs/GPUs hold *with their train workers*.
+
+    Tune only sees the trial's own CPU; without this cap it starts trials until no CPU is left
+    for any TorchTrainer's workers and every trial waits forever. On an autoscaling cluster
+    the current size says little: set ``search.max_concurrent_trials`` there.
+    """
+    import ray
+
+    if spec.search.max_concurrent_trials:
+        return spec.search.max_concurrent_trials
+    res = spec.resources
+    have = ray.cluster_resources()
+    trial_cpus = trial_resources(spec)["CPU"]
+    fits = [have.get("CPU", 0) // (trial_cpus + res.workers_per_trial * res.cpus_per_worker)]
+    if res.gpus_per_worker:
+        fits.append(have.get("GPU", 0) // (res.workers_per_trial * res.gpus_per_worker))
+    return max(1, int(min(fits)))
+
+
+def build_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = None,
+                restore: bool = True) -> Any:
+    """The sweep's ``ray.tune.Tuner``; restored (finished trials kept) when it exists.
+
+    ``pairs``: the pairs stage's output (:func:`clo_ray.data.pairs.prepare_sweep_pairs`);
+    without it, the translate and pairs stages run here first (cached: a re-run reads them).
+    """
+    from ray import tune
+
+    if pairs is None:
+        from clo_ray.data.pairs import prepare_sweep_pairs
+        from clo_ray.translate.stage import load_translations
+
+        pairs = prepare_sweep_pairs(spec, load_translations(spec))
+    keep_credentials_out_of_ray_logs()
+    metrics, modes = searcher_metrics(spec)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec_data=spec.model_dump(mode="json", by_alias=True),
+                             pairs=dict(pairs)),
+        trial_resources(spec))
+    layout = RunLayout.of(spec)
+    filesystem, fs_path = storage.resolve(layout.tune, layout.options)
+    if restore and tune.Tuner.can_restore(fs_path, storage_filesystem=filesystem):
+        logger.info("resuming the Tune experiment at %s", layout.tune)
+        return tune.Tuner.restore(fs_path, trainable, resume_errored=True,
+                                  storage_filesystem=filesystem)
+    scheduler = None
+    if spec.search.scheduler.type == "asha":
+        asha = spec.search.scheduler
+        scheduler = CellScheduler(metric=asha.metric, mode=asha.mode,
+                                  grace_period_steps=asha.grace_period * spec.train.report_every,
+                                  reduction_factor=asha.reduction_factor)
+    searcher = CellSearcher(spec, metrics=metrics, modes=modes, study_prefix=spec.run.name)
+    parent, name = fs_path.rsplit("/", 1)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler,
+            num_samples=len(grid_cells(spec)) * spec.search.trials_per_cell,
+            max_concurrent_trials=concurrent_trials(spec)),
+        run_config=tune.RunConfig(name=name, storage_path=parent,
+                                  storage_filesystem=filesystem, verbose=1))
+
+
