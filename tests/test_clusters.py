@@ -327,8 +327,8 @@ def test_readme_shows_submit_and_port_forwarding():
 
 def test_readme_sizing_matches_the_plan():
     """The README's worked example quotes --plan for sweeps/paper.yaml: keep them in step."""
-    from clo_ray.spec.plan import build_plan, format_plan
     from clo_ray.spec.schema import load_spec
+    from clo_ray.sweep.plan import build_plan, format_plan
 
     paper = yaml.safe_load((ROOT / "sweeps" / "paper.yaml").read_text())
     plan = build_plan(load_spec(paper))

@@ -3,13 +3,14 @@ plumbing, determinism and arithmetic, not quality)."""
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from clo_ray.eval import evaluate as evaluate_module
-from clo_ray.eval.evaluate import EvaluationError, evaluate_model, scalar_metrics
+from clo_ray.eval.evaluate import EvalSettings, EvaluationError, evaluate_model, scalar_metrics
 from clo_ray.eval.generate import (
     GenerationError,
     TransformersGenerator,
@@ -145,9 +146,9 @@ def _section(**judge) -> EvaluationSection:
 def test_evaluate_model_end_to_end_and_cache(tiny_dir: Path, rows, tmp_path: Path,
                                              generation_calls: list[int]) -> None:
     section = _section()
-    kwargs = {"language": "sw", "evaluation": section, "template": TEMPLATE,
-              "max_length": MAX_LENGTH, "cache_uri": str(tmp_path / "base")}
-    first = evaluate_model(tiny_dir, rows, **kwargs)
+    settings = EvalSettings("sw", section, TEMPLATE, MAX_LENGTH)
+    kwargs = {"cache_uri": str(tmp_path / "base")}
+    first = evaluate_model(tiny_dir, rows, settings, **kwargs)
     assert generation_calls == [6]  # 3 target + 3 English prompts, one call
     assert set(section.metric_names()) <= set(first)
     for name in ("target_fidelity", "english_retention", "preference_accuracy"):
@@ -165,13 +166,13 @@ def test_evaluate_model_end_to_end_and_cache(tiny_dir: Path, rows, tmp_path: Pat
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluate_module, "load_model", no_load)
-        again = evaluate_model(tiny_dir, rows, **kwargs)
+        again = evaluate_model(tiny_dir, rows, settings, **kwargs)
     assert generation_calls == [6]
     assert again == first
     assert (tmp_path / "base" / "metrics.json").is_file()
 
     generation_calls.clear()  # other inputs (beta): the cache misses and is rewritten
-    changed = evaluate_model(tiny_dir, rows, beta=0.2, **kwargs)
+    changed = evaluate_model(tiny_dir, rows, replace(settings, beta=0.2), **kwargs)
     assert len(generation_calls) == 1 and changed["answers"] == first["answers"]
 
 
@@ -183,25 +184,23 @@ def test_evaluate_model_judges_against_opponent(tiny_dir: Path, rows) -> None:
         asked.extend(prompts)
         return ["Verdict: tie"] * len(prompts)
 
-    kwargs = {"language": "sw", "evaluation": section, "template": TEMPLATE,
-              "max_length": MAX_LENGTH, "judge": fake_judge}
-    base = evaluate_model(tiny_dir, rows, **kwargs)  # no opponent: judge metrics unmeasured
+    settings = EvalSettings("sw", section, TEMPLATE, MAX_LENGTH, judge=fake_judge)
+    base = evaluate_model(tiny_dir, rows, settings)  # no opponent: judge metrics unmeasured
     assert base["judge_win_rate"] is None and base["objective"] is None and not asked
-    trial = evaluate_model(tiny_dir, rows, reference_logps=base["heldout_logps"],
-                           opponent_answers=base["answers"], **kwargs)
+    trial = evaluate_model(tiny_dir, rows, settings, reference_logps=base["heldout_logps"],
+                           opponent_answers=base["answers"])
     assert len(asked) == 2 * 3 * 2  # both orders, target and English prompts
     assert trial["judge_win_rate"] == trial["english_judge_win_rate"] == 0.5
     assert trial["details"]["judge"]["target"]["ties"] == 3
     assert trial["objective"] == pytest.approx(objective(trial, section.objective.weights))
     wrong = {**base["answers"], "ids": ["other", "ids", "here"]}
     with pytest.raises(EvaluationError, match="other prompts"):
-        evaluate_model(tiny_dir, rows, opponent_answers=wrong, **kwargs)
+        evaluate_model(tiny_dir, rows, settings, opponent_answers=wrong)
 
 
 def test_evaluate_model_refuses_mixed_languages(tiny_dir: Path, rows) -> None:
     with pytest.raises(EvaluationError, match="also hold"):
-        evaluate_model(tiny_dir, rows, language="yo", evaluation=_section(),
-                       template=TEMPLATE, max_length=MAX_LENGTH)
+        evaluate_model(tiny_dir, rows, EvalSettings("yo", _section(), TEMPLATE, MAX_LENGTH))
 
 
 def test_make_judge_serves_a_real_model(tiny_dir: Path) -> None:
@@ -211,3 +210,16 @@ def test_make_judge_serves_a_real_model(tiny_dir: Path) -> None:
     finally:
         judge.close()
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+def test_heldout_reward_margin_scales_with_the_trials_beta(tiny_dir: Path, rows) -> None:
+    """The held-out reward margin is measured at the beta it is given (the trial's effective
+    beta, tests/test_schedule.py): 0.5 gives five times the margin of 0.1, not the same."""
+    settings = EvalSettings("sw", _section(), TEMPLATE, MAX_LENGTH)
+    base = evaluate_model(tiny_dir, rows, settings)
+    # A reference that differs from the policy: chosen answers made likelier under it.
+    reference = (torch.tensor(base["heldout_logps"]) + torch.tensor([1.0, 0.0, 0.5, 0.0])).tolist()
+    low = evaluate_model(tiny_dir, rows, replace(settings, beta=0.1), reference_logps=reference)
+    high = evaluate_model(tiny_dir, rows, replace(settings, beta=0.5), reference_logps=reference)
+    assert low["reward_margin"] < -1e-3  # the reference prefers the chosen answers
+    assert high["reward_margin"] == pytest.approx(5 * low["reward_margin"], rel=1e-4)

@@ -32,11 +32,10 @@ def vllm_result(tiny_dir: Path, rows) -> dict[str, Any]:
     """evaluate_model on vLLM: one engine start (~40-110 s on 2 shared cores), closed before
     transformers loads the model for the held-out metrics."""
     pytest.importorskip("vllm")
-    from clo_ray.eval.evaluate import evaluate_model
+    from clo_ray.eval.evaluate import EvalSettings, evaluate_model
 
     section = EvaluationSection(max_prompts=4, max_new_tokens=MAX_NEW_TOKENS, backend="vllm")
-    return evaluate_model(tiny_dir, rows, language="sw", evaluation=section, template=TEMPLATE,
-                          max_length=128)
+    return evaluate_model(tiny_dir, rows, EvalSettings("sw", section, TEMPLATE, 128))
 
 
 def test_vllm_greedy_equals_transformers_greedy(tiny_dir: Path, rows,

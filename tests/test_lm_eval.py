@@ -182,7 +182,7 @@ def test_trial_reports_lm_eval_and_results_carry_it(tiny_dir: Path, tasks_dir: P
     from conftest import sample_translations
     from ray.tune import Result
 
-    from clo_ray.report.build import build_report
+    from clo_ray.report.build import ReportOptions, build_report
     from clo_ray.report.schema import load_results, results_table
     from clo_ray.tune.tuner import evaluate_trial
 
@@ -213,6 +213,6 @@ def test_trial_reports_lm_eval_and_results_carry_it(tiny_dir: Path, tasks_dir: P
     storage.write_parquet_atomic(results_uri, results_table([result], spec))
     table = load_results(results_uri)
     assert table.column(f"lm_eval.{TASK}").to_pylist()[0] == pytest.approx(score)
-    files = build_report(table, str(tmp_path / "report"), metrics=[f"lm_eval.{TASK}"],
-                         plots=False)
+    files = build_report(table, str(tmp_path / "report"),
+                         ReportOptions(metrics=[f"lm_eval.{TASK}"], plots=False))
     assert f"lm_eval.{TASK}" in Path(files.markdown).read_text()

@@ -117,3 +117,39 @@ def test_fingerprint_follows_content_and_order(translations) -> None:
     assert pairs_fingerprint(table.take([1, 0, 2, 3, 4, 5])) != base
     assert pairs_fingerprint(translations("zh", limit=6)) != base
     assert pairs_fingerprint(flag(table, {ids(table)[0]})) == base  # reasons do not count
+
+
+def test_pairs_stage_writes_each_split_once_and_hands_on_locations(translations, tmp_path):
+    """The sweep's pairs stage: one data set per (language, budget), written by content; a
+    second run finds the files and writes nothing (the trials are handed these locations)."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from clo_ray.data.pairs import pairs_key, prepare_pairs, prepare_sweep_pairs
+    from clo_ray.layout import RunLayout
+    from clo_ray.spec.schema import load_spec
+
+    spec = load_spec({
+        "run": {"name": "p", "storage": str(tmp_path)},
+        "corpus": {"path": "builtin:parallel-sample", "format": "parallel"},
+        "translator": {"backend": "parallel", "path": "builtin:parallel-sample"},
+        "languages": ["sw", "yo"], "models": [{"name": "builtin:tiny-llama"}],
+        "methods": ["clo"], "budgets": [4, 8], "evaluation": {"holdout": 8},
+    })
+    tables = {lang: translations(lang) for lang in ("sw", "yo")}
+    pairs = prepare_sweep_pairs(spec, tables)
+    assert sorted(pairs) == ["sw/4", "sw/8", "yo/4", "yo/8"]
+    sw8 = pairs[pairs_key("sw", 8)]
+    assert (sw8.n_train, sw8.n_eval, sw8.languages, sw8.budget) == (8, 8, ("sw",), "8")
+    assert ids(pq.read_table(sw8.train_uri)) == ids(split_pairs(
+        tables["sw"], budget=8, holdout=8, seed=spec.run.seed).train)
+    assert os.path.dirname(sw8.train_uri) == RunLayout.of(spec).pairs
+    assert pairs["sw/4"].eval_uri == sw8.eval_uri  # one held-out set for every budget
+    stamps = {p: os.stat(p).st_mtime_ns for p in (sw8.train_uri, sw8.eval_uri)}
+    assert prepare_pairs(spec, tables, ["sw"], 8) == sw8
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps  # nothing rewritten
+    both = prepare_pairs(spec, tables, ["sw", "yo"], {"sw": 4, "yo": 8})
+    assert (both.languages, both.budget, both.n_train) == (("sw", "yo"), "4+8", 12)
+    with pytest.raises(PairsError, match="no translations for"):
+        prepare_pairs(spec, tables, ["de"], 4)

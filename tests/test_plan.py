@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from clo_ray.errors import SpecError
-from clo_ray.spec.plan import build_plan, format_plan
 from clo_ray.spec.schema import load_spec
+from clo_ray.sweep.plan import build_plan, format_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "sweeps" / "paper.yaml"

@@ -18,7 +18,7 @@ import pytest
 from matplotlib.image import imread
 
 from clo_ray.report.__main__ import main
-from clo_ray.report.build import build_report
+from clo_ray.report.build import ReportOptions, build_report
 from clo_ray.report.results import format_value, metric_mode, pareto_front
 from clo_ray.report.schema import RESULTS_SCHEMA, ResultsError, load_results, validate_results
 
@@ -77,7 +77,7 @@ def results() -> pa.Table:
 @pytest.fixture(scope="module")
 def report(results, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    files = build_report(results, str(out), metrics=None, title="Synthetic sweep")
+    files = build_report(results, str(out), ReportOptions(metrics=None, title="Synthetic sweep"))
     return files, (out / "report.md").read_text()
 
 
@@ -154,8 +154,8 @@ def test_trials_summary_pareto_and_notes(report):
 
 
 def test_missing_metric_column_is_na_with_a_note(results, tmp_path):
-    build_report(results, str(tmp_path), metrics=["judge_win_rate", "target_fidelity"],
-                 plots=False, formats=["md"])
+    build_report(results, str(tmp_path), ReportOptions(
+        metrics=["judge_win_rate", "target_fidelity"], plots=False, formats=["md"]))
     md = (tmp_path / "report.md").read_text()
     assert "| m-a | n/a / n/a / n/a | n/a / n/a / n/a | n/a / n/a / n/a (@800) |" in md
     assert "`judge_win_rate`: no such column in the results (not measured): n/a." in md
@@ -200,7 +200,8 @@ def test_modes_and_formatting(results, tmp_path):
         "2.00", "1.23e+03", "0.0123", "n/a"]
     assert format_value("judge_win_rate", 0.8304) == "83.0"
     # mode="min" on the objective picks trial 0 (the decoy) instead.
-    build_report(results, str(tmp_path), metrics=["target_fidelity"], mode="min", plots=False)
+    build_report(results, str(tmp_path),
+                 ReportOptions(metrics=["target_fidelity"], mode="min", plots=False))
     md = (tmp_path / "report.md").read_text()
     assert "| m-a | 95.0 / 95.0 / 95.0 | 95.0 / 95.0 / 95.0 | 44.4 / n/a / n/a (@800) |" in md
 
@@ -210,7 +211,7 @@ def test_one_method_or_one_budget_does_not_crash(results, tmp_path, keep):
     (column, value), = keep.items()
     rows = [r for r in results.to_pylist() if r[column] == value]
     files = build_report(pa.Table.from_pylist(rows, schema=results.schema), str(tmp_path),
-                         metrics=["target_fidelity"])
+                         ReportOptions(metrics=["target_fidelity"]))
     md = (tmp_path / "report.md").read_text()
     assert "## Best config per cell" in md and files.plots
     if column == "method":
@@ -262,8 +263,8 @@ def test_missing_required_column_names_column_and_file(results, tmp_path):
 
 
 def test_without_objective_each_metric_falls_back_to_its_own_best(results, tmp_path):
-    build_report(results.drop_columns(["objective"]), str(tmp_path), plots=False,
-                 metrics=["target_fidelity", "target_nll"], formats=["md"])
+    build_report(results.drop_columns(["objective"]), str(tmp_path), ReportOptions(
+        plots=False, metrics=["target_fidelity", "target_nll"], formats=["md"]))
     md = (tmp_path / "report.md").read_text()
     # Own best: the decoys' 95.0 fidelity (max) and 0.500 NLL (min) now win.
     assert "| m-a | 95.0 / 95.0 / 95.0 |" in md and "| m-a | 0.500 / 0.500 / 0.500 |" in md

@@ -137,3 +137,26 @@ def test_lr_schedule_warms_up_then_decays():
         optimizer.step()
         scheduler.step()
     assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[-1] == pytest.approx(0.125)
+
+
+def test_effective_beta_is_the_schedules_or_the_searched_one():
+    """What the held-out reward margin is measured with (tune/trainable.py): the last clo /
+    dpo stage's beta after search overrides; 0.1 for a method without one."""
+    from clo_ray.spec.schema import load_spec
+    from clo_ray.train.schedule import preference_beta
+    from clo_ray.train.trainer import method_stages
+
+    spec = load_spec({
+        "run": {"name": "beta", "storage": "runs"},
+        "corpus": {"path": "builtin:parallel-sample", "format": "parallel"},
+        "translator": {"backend": "parallel", "path": "builtin:parallel-sample"},
+        "languages": ["sw"], "models": [{"name": "builtin:tiny-llama"}],
+        "schedules": {"clo": [{"loss": "clo", "modules": "attention", "steps": 2,
+                               "beta": 0.5}]},
+        "methods": ["clo", "sft", "sft_dpo"], "budgets": [8],
+    })
+    assert preference_beta(method_stages(spec, "clo")) == 0.5
+    assert preference_beta(method_stages(spec, "clo", {"beta": 0.3})) == 0.3
+    assert preference_beta(method_stages(spec, "sft_dpo")) == 0.1
+    assert preference_beta(method_stages(spec, "sft_dpo", {"dpo.beta": 0.7})) == 0.7
+    assert preference_beta(method_stages(spec, "sft")) == 0.1

@@ -21,7 +21,7 @@ from clo_ray.assets import parallel_sample_path
 from clo_ray.data.corpus import load_corpus
 from clo_ray.errors import LanguageError, StorageError
 from clo_ray.spec.schema import load_spec
-from clo_ray.translate import stage
+from clo_ray.translate import preflight, stage
 from clo_ray.translate.backends import TranslationError
 from clo_ray.translate.cache import OUTPUT_SCHEMA, TranslationCache, read_table, translation_key
 from clo_ray.translate.quality import REASONS
@@ -112,7 +112,7 @@ def test_cache_key_changes_only_with_what_shapes_the_output(tmp_path):
             "translator": {"backend": "causal", "model": "builtin:tiny-llama", **translator},
             "languages": ["sw", "zh"], "models": [{"name": "builtin:tiny-llama"}],
             "methods": ["clo"], "budgets": [16]})
-        return translation_key(stage._key_inputs(spec, corpus, lang, "tiny@v1"))
+        return translation_key(preflight.key_inputs(spec, corpus, lang, "tiny@v1"))
 
     base = key()
     assert key(batch_size=3) == key(actors=4) == key(gpus_per_actor=1) == base
@@ -195,7 +195,8 @@ def test_unknown_language_and_unreadable_or_unwritable_storage(tmp_path):
     with pytest.raises(LanguageError, match="source language"):
         translate_corpus(make_spec(tmp_path), corpus=corpus, languages=["en"])
     spec = make_spec(tmp_path / "store")
-    key = translation_key(stage._key_inputs(spec, corpus, "sw", stage._identity(spec)))
+    identity = preflight.translator_identity(spec)
+    key = translation_key(preflight.key_inputs(spec, corpus, "sw", identity))
     manifest = tmp_path / "store" / "cache" / "translations" / key / "manifest.json"
     manifest.parent.mkdir(parents=True)
     manifest.write_text("{not json")

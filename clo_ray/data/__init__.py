@@ -1,1 +1,1 @@
-"""Data stages: corpus loading, translation, quality checks, training pairs."""
+"""Data stages: the English corpus (load, formats), language id, and the pairs stage."""

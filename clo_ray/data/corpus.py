@@ -24,7 +24,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     import ray.data
 
 logger = logging.getLogger(__name__)
+# A readable binary file: pyarrow's NativeFile, or a GzipFile around one.
+Stream = Any
 
 SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
                     ("response", pa.string()), ("source", pa.string())])
@@ -173,14 +175,14 @@ def _read(src: _Source) -> Iterator[tuple[Where, Any]]:
     readers = {"jsonl": _jsonl_rows, "json": _json_rows, "parquet": _parquet_rows}
     try:
         with storage.open_input(src.uri, src.storage_options) as raw:
-            stream = gzip.GzipFile(fileobj=raw) if src.gzipped else raw
+            stream: Stream = gzip.GzipFile(fileobj=raw) if src.gzipped else raw
             yield from readers[src.kind](stream, src)
     except (OSError, EOFError, zlib.error) as exc:
         what = "corrupt gzip file" if src.gzipped else "cannot read the file"
         raise CorpusError(f"{src.display}: {what} ({exc})") from None
 
 
-def _jsonl_rows(stream: IO[bytes], src: _Source) -> Iterator[tuple[Where, Any]]:
+def _jsonl_rows(stream: Stream, src: _Source) -> Iterator[tuple[Where, Any]]:
     for number, raw in enumerate(io.BufferedReader(stream), start=1):
         if raw.strip():  # blank lines (a trailing newline, say) are not rows
             yield Where(number, "line"), _parse_line(raw, "utf-8-sig" if number == 1 else "utf-8")
@@ -196,7 +198,7 @@ def _parse_line(raw: bytes, encoding: str) -> Any:
         return RowProblem(None, f"broken JSON: {exc.msg} (column {exc.colno})")
 
 
-def _json_rows(stream: IO[bytes], src: _Source) -> Iterator[tuple[Where, Any]]:
+def _json_rows(stream: Stream, src: _Source) -> Iterator[tuple[Where, Any]]:
     try:
         data = json.loads(stream.read().decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
@@ -223,7 +225,7 @@ def _top_level_list(data: Any, src: _Source) -> list[Any]:
                       f"with one list value (e.g. {{\"data\": [...]}}), got {got}")
 
 
-def _parquet_rows(stream: IO[bytes], src: _Source) -> Iterator[tuple[Where, Any]]:
+def _parquet_rows(stream: Stream, src: _Source) -> Iterator[tuple[Where, Any]]:
     index = 0
     try:
         for batch in pq.ParquetFile(stream).iter_batches(batch_size=4096):

@@ -246,7 +246,7 @@ def message(row: Row, path: str = "", *, flat: bool = True) -> Message:
 def _best_reply(replies: Iterable[Message]) -> Message | None:
     """The kept assistant reply with the lowest rank (0 = best); the first one wins a tie."""
     ranked = [r for r in replies if r.kept and r.rank is not None]
-    return min(ranked, key=lambda r: r.rank) if ranked else None
+    return min(ranked, key=lambda r: r.rank or 0) if ranked else None  # rank is set here
 
 
 def _select(root: Message, replies: Iterable[Message], lang: str) -> Pair | Skip:

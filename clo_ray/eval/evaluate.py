@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,23 +70,43 @@ class EvaluationError(CloRayError, ValueError):
     """Held-out rows or opponent answers that do not fit the evaluation asked for."""
 
 
-def evaluate_model(model_dir: str | Path, eval_rows: pa.Table, *, language: str,
-                   evaluation: EvaluationSection, template: str, max_length: int,
-                   beta: float = 0.1, reference_logps: Any = None,
+@dataclass(frozen=True)
+class EvalSettings:
+    """How every model of one trial is evaluated: the same language, spec section, prompt
+    encoding and reward scale, so a trained model and its base model are comparable.
+
+    ``beta``: the trial's effective beta (its last clo / dpo stage's), the scale of the
+    held-out reward margin. ``judge``: a ready judge callable (default: :func:`make_judge`
+    from ``evaluation.judge``).
+    """
+
+    language: str
+    evaluation: EvaluationSection
+    template: str
+    max_length: int
+    beta: float = 0.1
+    storage_options: StorageOptions = None
+    judge: JudgeGenerate | None = None
+    batch_size: int = 8
+    micro_batch: int = 4
+
+
+def evaluate_model(model_dir: str | Path, eval_rows: pa.Table, settings: EvalSettings, *,
+                   reference_logps: Any = None,
                    opponent_answers: Mapping[str, Sequence[str]] | None = None,
-                   cache_uri: str | None = None, storage_options: StorageOptions = None,
-                   model_key: str | None = None, judge: JudgeGenerate | None = None,
-                   batch_size: int = 8, micro_batch: int = 4) -> dict[str, Any]:
-    """Metrics of the model in ``model_dir`` on ``eval_rows`` (held-out pairs of ``language``,
-    the translate stage's columns); see the module docstring for what comes back.
+                   cache_uri: str | None = None, model_key: str | None = None
+                   ) -> dict[str, Any]:
+    """Metrics of the model in ``model_dir`` on ``eval_rows`` (held-out pairs of the settings'
+    language, the translate stage's columns); see the module docstring for what comes back.
 
     ``reference_logps``: the base model's ``heldout_logps`` for these rows (None: the model
     is its own reference, i.e. this is the base-model evaluation). ``opponent_answers``:
     another evaluation's ``answers`` on the same prompts. ``model_key``: what identifies the
     weights in the cache fingerprint (default: ``model_dir``; pass the checkpoint URI when
-    the model is exported to a temporary folder). ``judge``: a ready judge callable (default:
-    :func:`make_judge` from ``evaluation.judge``).
+    the model is exported to a temporary folder).
     """
+    language, evaluation, template = settings.language, settings.evaluation, settings.template
+    storage_options = settings.storage_options
     _check_rows(eval_rows, language)
     prompts = eval_rows.slice(0, evaluation.max_prompts)
     ids = prompts.column("id").to_pylist()
@@ -94,8 +114,8 @@ def evaluate_model(model_dir: str | Path, eval_rows: pa.Table, *, language: str,
         raise EvaluationError("opponent_answers are for other prompts than these held-out rows "
                               "(their 'ids' differ): evaluate the opponent on the same rows "
                               "with the same max_prompts")
-    fingerprint = _fingerprint(model_key or str(model_dir), eval_rows, language, evaluation,
-                               template, max_length, beta, reference_logps, opponent_answers)
+    fingerprint = _fingerprint(model_key or str(model_dir), eval_rows, settings,
+                               reference_logps, opponent_answers)
     if cache_uri is not None and (hit := _read_cache(cache_uri, fingerprint, storage_options)):
         logger.info("evaluation cache hit: %s", cache_uri)
         return hit
@@ -103,14 +123,14 @@ def evaluate_model(model_dir: str | Path, eval_rows: pa.Table, *, language: str,
     started = time.perf_counter()
     targets, english = prompts.column("prompt").to_pylist(), prompts.column("prompt_en").to_pylist()
     answers, model, tokenizer = _generate(model_dir, targets + english, evaluation, template,
-                                          batch_size)
+                                          settings.batch_size)
     target_answers, english_answers = answers[:len(targets)], answers[len(targets):]
     threshold = evaluation.langid_threshold
     target_fid = language_fidelity(target_answers, language, threshold=threshold)
     english_fid = language_fidelity(english_answers, "en", threshold=threshold)
     held = heldout_metrics(model, tokenizer, eval_rows, template=template,
-                           max_length=max_length, beta=beta, reference_logps=reference_logps,
-                           micro_batch=micro_batch)
+                           max_length=settings.max_length, beta=settings.beta,
+                           reference_logps=reference_logps, micro_batch=settings.micro_batch)
     logps = held.pop("logps")
     del model, tokenizer
     gc.collect()
@@ -121,7 +141,7 @@ def evaluate_model(model_dir: str | Path, eval_rows: pa.Table, *, language: str,
     details: dict[str, Any] = {"target_detected": target_fid.detected,
                                "english_detected": english_fid.detected}
     if evaluation.judge.enabled:
-        verdicts = _judge(evaluation, judge, opponent_answers, (targets, target_answers),
+        verdicts = _judge(evaluation, settings.judge, opponent_answers, (targets, target_answers),
                           (english, english_answers))
         result["judge_win_rate"] = verdicts["target"].win_rate if verdicts else None
         result["english_judge_win_rate"] = verdicts["english"].win_rate if verdicts else None
@@ -241,18 +261,18 @@ def objective_or_none(metrics: Mapping[str, Any], weights: Mapping[str, float]) 
 # ------------------------------------------------------------------------------ cache
 
 
-def _fingerprint(model_key: str, rows: pa.Table, language: str, evaluation: EvaluationSection,
-                 template: str, max_length: int, beta: float, reference: Any,
+def _fingerprint(model_key: str, rows: pa.Table, settings: EvalSettings, reference: Any,
                  opponent: Mapping[str, Sequence[str]] | None) -> str:
     """sha256 of everything the result depends on (a needless miss is cheap, a wrong hit
     is not). Reference log-probs are rounded to 1e-6 so float noise in a reload still hits."""
     if reference is not None and hasattr(reference, "tolist"):
         reference = reference.tolist()
     columns = ("id", "prompt_en", "response_en", "prompt", "response")
-    payload = {"format": EVAL_FORMAT, "model": model_key, "language": language,
+    payload = {"format": EVAL_FORMAT, "model": model_key, "language": settings.language,
                "rows": {c: rows.column(c).to_pylist() for c in columns},
-               "evaluation": evaluation.model_dump(mode="json"), "template": template,
-               "max_length": max_length, "beta": beta,
+               "evaluation": settings.evaluation.model_dump(mode="json"),
+               "template": settings.template, "max_length": settings.max_length,
+               "beta": settings.beta,
                "reference": None if reference is None
                else [[round(float(v), 6) for v in row] for row in reference],
                "opponent": None if opponent is None else {k: list(v) for k, v in

@@ -171,7 +171,8 @@ class _LazyJudge:
     """The judge model, loaded on first use (a fully cached re-run loads nothing)."""
 
     def __init__(self, spec: SweepSpec, judge: JudgeGenerate | None) -> None:
-        self.section, self.given, self.own = spec.evaluation.judge, judge, None
+        self.section, self.given = spec.evaluation.judge, judge
+        self.own: Any = None  # a transformers or vLLM generator, once loaded
 
     def __call__(self, prompts: list[str]) -> list[str]:
         if self.given is not None:

@@ -16,10 +16,8 @@ import pyarrow.parquet as pq
 from clo_ray import storage
 from clo_ray.layout import RunLayout
 from clo_ray.ray_env import trial_resources, worker_env
+from clo_ray.report.schema import BASE_METRICS
 from clo_ray.spec.schema import SweepSpec
-
-# Base-model metrics each trial reports (as base_<name>): the report's untrained reference.
-BASE_METRICS = ("target_fidelity", "english_retention", "target_nll", "english_nll")
 
 
 def evaluation_task(spec: SweepSpec) -> Any:
@@ -64,6 +62,7 @@ def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, 
     ``evaluation.lm_eval`` tasks run on the exported model when any are named.
     """
     from clo_ray.eval.evaluate import (
+        EvalSettings,
         evaluate_model,
         link_base,
         objective_or_none,
@@ -75,20 +74,21 @@ def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, 
     options = spec.run.storage_options or None
     with storage.open_input(eval_uri, options) as fh:
         rows = pq.read_table(fh)
-    common = dict(language=language, evaluation=spec.evaluation,
-                  template=spec.train.prompt_template, max_length=spec.train.max_length,
-                  beta=beta, storage_options=options)
+    settings = EvalSettings(language=language, evaluation=spec.evaluation,
+                            template=spec.train.prompt_template,
+                            max_length=spec.train.max_length, beta=beta,
+                            storage_options=options)
     held_out = eval_uri.rsplit("/", 1)[-1].split(".")[0]
     layout = RunLayout.of(spec)
     base_cache = layout.base_eval(model, language, held_out)
-    base = evaluate_model(resolve_model(model), rows, cache_uri=base_cache, model_key=model,
-                          **common)
+    base = evaluate_model(resolve_model(model), rows, settings, cache_uri=base_cache,
+                          model_key=model)
     trial_uri, lm_eval = layout.trial_eval(checkpoint.path), spec.evaluation.lm_eval
     with checkpoint.as_directory() as directory, \
             tempfile.TemporaryDirectory(prefix="clo-export-") as exported:
         export_model(directory, exported)
-        trained = evaluate_model(exported, rows, reference_logps=base["heldout_logps"],
-                                 model_key=checkpoint.path, cache_uri=trial_uri, **common)
+        trained = evaluate_model(exported, rows, settings, model_key=checkpoint.path,
+                                 reference_logps=base["heldout_logps"], cache_uri=trial_uri)
         if lm_eval.enabled:
             from clo_ray.eval.lm_eval import run_lm_eval
 

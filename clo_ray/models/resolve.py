@@ -1,4 +1,4 @@
-"""Model references and parameter counts (trainable-module selectors: re-exported).
+"""Model references and parameter counts.
 
 A sweep names its models as strings; :func:`resolve_model` turns one into a local directory
 that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load:
@@ -9,8 +9,7 @@ that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretraine
   so models fetched earlier with ``huggingface-cli download`` are found offline).
 
 :func:`parameter_count` sizes a model for plans and reports without loading its weights.
-The trainable-module selectors (:func:`select_parameters`, :data:`MODULE_SETS`) live in
-:mod:`clo_ray.models.selectors` and are re-exported here, where callers have always found them.
+The trainable-module selectors live in :mod:`clo_ray.models.selectors`.
 
 This module imports neither torch nor transformers at import time, so the spec validator
 can use :data:`BUILTIN_MODELS` and :func:`is_builtin` cheaply.
@@ -29,19 +28,11 @@ from typing import Any
 
 from clo_ray.errors import ModelResolutionError
 from clo_ray.models.builtins import BUILTINS, materialize
-from clo_ray.models.selectors import (  # re-exported: the selectors' historical home
-    ARCHITECTURE_TABLES,
+from clo_ray.models.selectors import (
     LLAMA_STYLE_TYPES,
-    MODULE_SETS,
-    select_parameters,
 )
 
 logger = logging.getLogger(__name__)
-__all__ = [
-    "ARCHITECTURE_TABLES", "BUILTIN_MODELS", "BUILTIN_PREFIX", "KNOWN_PARAMETER_COUNTS",
-    "MODULE_SETS", "default_cache_dir", "is_builtin", "llama_style_parameter_count",
-    "parameter_count", "resolve_model", "select_parameters",
-]
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS: dict[str, str] = {name: spec.description for name, spec in BUILTINS.items()}

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from dataclasses import replace
 
 from clo_ray.errors import CloRayError
 from clo_ray.layout import RunLayout, read_spec_record
-from clo_ray.report.build import build_report
+from clo_ray.report.build import ReportOptions, build_report
 from clo_ray.report.schema import load_results
 from clo_ray.spec.schema import SweepSpec, load_spec
 
@@ -44,19 +44,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for unreadable results or an invalid spec)."""
     args = _parser().parse_args(argv)
-    options: dict[str, Any] = {"title": ""}
     try:
         spec = load_report_spec(args.run_dir, args.spec)
-        if spec is not None:
-            options = {"metrics": spec.report.metrics, "plots": spec.report.plots,
-                       "formats": spec.report.formats, "rank_by": spec.search.metric,
-                       "mode": spec.search.mode, "multi_objective": spec.search.multi_objective,
-                       "title": spec.run.name}
+        options = ReportOptions.of(spec) if spec is not None else ReportOptions()
         if args.metrics:
-            options["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
+            options = replace(options, metrics=[m.strip() for m in args.metrics.split(",")
+                                                if m.strip()])
         if args.no_plots:
-            options["plots"] = False
-        files = build_report(load_results(args.run_dir), args.out or args.run_dir, **options)
+            options = replace(options, plots=False)
+        files = build_report(load_results(args.run_dir), args.out or args.run_dir, options)
     except CloRayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -18,6 +19,9 @@ from clo_ray import storage
 from clo_ray.report.markdown import render_markdown
 from clo_ray.report.results import Results
 from clo_ray.report.schema import DEFAULT_METRICS, ResultsError, validate_results
+
+if TYPE_CHECKING:
+    from clo_ray.spec.schema import SweepSpec
 
 
 @dataclass
@@ -39,24 +43,47 @@ def choose_metrics(results: Results, metrics: Sequence[str] | None) -> list[str]
     return [m for m in DEFAULT_METRICS if results.has_data(m)]
 
 
-def build_report(results: pa.Table, out_dir: str, *, metrics: Sequence[str] | None = None,
-                 mode: str = "max", plots: bool = True, title: str = "",
-                 rank_by: str = "objective", multi_objective: bool = False,
-                 formats: Sequence[str] = ("md", "parquet"),
+@dataclass(frozen=True)
+class ReportOptions:
+    """What a report shows and how each cell's best trial is picked.
+
+    ``rank_by`` / ``mode``: the search's metric and mode (they pick each cell's best trial);
+    ``metrics``: the tables' metrics (None: the defaults that have data); ``multi_objective``
+    draws a Pareto plot per metric (else one, for the ranking metric, when budgets vary).
+    """
+
+    metrics: Sequence[str] | None = None
+    mode: str = "max"
+    rank_by: str = "objective"
+    multi_objective: bool = False
+    plots: bool = True
+    formats: Sequence[str] = ("md", "parquet")
+    title: str = ""
+
+    @classmethod
+    def of(cls, spec: SweepSpec) -> ReportOptions:
+        """The options a sweep's spec asks for (its ``report`` and ``search`` sections)."""
+        return cls(metrics=spec.report.metrics or None, mode=spec.search.mode,
+                   rank_by=spec.search.metric, multi_objective=spec.search.multi_objective,
+                   plots=spec.report.plots, formats=tuple(spec.report.formats),
+                   title=spec.run.name)
+
+
+def build_report(results: pa.Table, out_dir: str, options: ReportOptions = ReportOptions(),
                  storage_options: storage.StorageOptions = None) -> ReportFiles:
     """Write report.md, best_trials.parquet and the PNGs to ``out_dir``; return their URIs.
 
-    ``rank_by`` / ``mode`` pick each cell's best trial (the search's metric and mode);
-    ``multi_objective`` draws a Pareto plot per metric (else one, for the ranking metric,
-    when budgets vary). Every file is written atomically, so a reader never sees half a report.
+    Every file is written atomically, so a reader never sees half a report.
     """
+    mode, formats, plots = options.mode, options.formats, options.plots
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     unknown = set(formats) - {"md", "parquet"}
     if unknown:
         raise ValueError(f"unknown report format(s) {sorted(unknown)}; use md, parquet")
-    res = Results.from_table(validate_results(results, "results table"), rank_by, mode)
-    chosen = choose_metrics(res, metrics)
+    res = Results.from_table(validate_results(results, "results table"), options.rank_by,
+                             mode)
+    chosen = choose_metrics(res, options.metrics)
     for metric in chosen:
         kind = res.schema.field(metric).type if metric in res.schema.names else pa.float64()
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or
@@ -66,7 +93,7 @@ def build_report(results: pa.Table, out_dir: str, *, metrics: Sequence[str] | No
     if plots:
         from clo_ray.report.plots import draw_plots
 
-        for name, png in draw_plots(res, chosen, multi_objective=multi_objective):
+        for name, png in draw_plots(res, chosen, multi_objective=options.multi_objective):
             files.plots.append(storage.join(out_dir, name))
             storage.write_bytes_atomic(files.plots[-1], png, storage_options)
             names.append(name)
@@ -75,7 +102,8 @@ def build_report(results: pa.Table, out_dir: str, *, metrics: Sequence[str] | No
         storage.write_parquet_atomic(files.tables, best_trials_table(res), storage_options)
     if "md" in formats:
         files.markdown = storage.join(out_dir, "report.md")
-        text = render_markdown(res, chosen, title=title, multi_objective=multi_objective,
+        text = render_markdown(res, chosen, title=options.title,
+                               multi_objective=options.multi_objective,
                                plot_names=names)
         storage.write_bytes_atomic(files.markdown, text.encode("utf-8"), storage_options)
     return files

@@ -23,9 +23,10 @@ from clo_ray.report.results import (
     metric_label,
     metric_mode,
 )
+from clo_ray.spec.grid import Cell
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+def _table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> list[str]:
     def line(cells: Sequence[Any]) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
     return [line(header), line(["---"] * len(header)), *map(line, rows), ""]
@@ -37,7 +38,7 @@ def _cell_text(res: Results, metric: str, model: str, language: str,
     budgets = res.budgets(model, language)
     if not budgets:
         return "n/a", len(res.methods)
-    values = [res.value((model, language, m, budgets[-1]), metric) for m in res.methods]
+    values = [res.value(Cell(model, language, m, budgets[-1]), metric) for m in res.methods]
     present = [v for v in values if v is not None]
     pick = min if metric_mode(metric, res.rank_by, res.mode) == "min" else max
     best = pick(present) if len(set(present)) > 1 else None  # a tie of all: no bold
@@ -53,9 +54,10 @@ def render_markdown(res: Results, metrics: Sequence[str], *, title: str = "",
     runs = ", ".join(dict.fromkeys(r["run"] for r in res.rows)) or "(none)"
     trials = [r for r in res.rows if r["method"] != BASE_METHOD]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    grid = " x ".join(f"{len(x)} {what}" for x, what in [
+    sizes: list[tuple[Sequence[Any], str]] = [
         (res.models, "models"), (res.languages, "languages"), (res.methods, "methods"),
-        (res.budgets(), "budgets")])
+        (res.budgets(), "budgets")]
+    grid = " x ".join(f"{len(x)} {what}" for x, what in sizes)
     out = [f"# {title or 'CLO sweep report'}", "",
            f"- run: {runs}", f"- trials: {len(trials)} in {len(res.cells)} cells ({grid}); "
            f"base-model rows: {len(res.base)}", f"- generated: {now}",
@@ -110,7 +112,7 @@ def _budget_section(res: Results, metrics: Sequence[str]) -> list[str]:
                                  format_value(metric, res.base_value(model, lang, metric)),
                                  *[""] * len(budgets)])
                 rows += [[model, lang, method_label(method), *[""] * len(base),
-                          *(format_value(metric, res.value((model, lang, method, b), metric))
+                          *(format_value(metric, res.value(Cell(model, lang, method, b), metric))
                             if (model, lang, method, b) in res.cells else "-" for b in budgets)]
                          for method in res.methods if res.budgets(model, lang, method)]
         out += [f"### {metric_label(metric)}", ""]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -24,6 +25,7 @@ from clo_ray.report.results import (
     method_label,
     metric_label,
 )
+from clo_ray.spec.grid import Cell
 
 PanelDraw = Callable[[Axes, str, str, float], None]
 
@@ -50,7 +52,7 @@ def budget_curves(res: Results, metric: str) -> bytes:
     ranked trial as a faint dot (the spread a search leaves), the base model dashed."""
     def panel(ax: Axes, model: str, language: str, scale: float) -> None:
         for method in res.methods:
-            cells = [(model, language, method, b) for b in res.budgets(model, language)]
+            cells = [Cell(model, language, method, b) for b in res.budgets(model, language)]
             dots = [(r["budget"], r[metric]) for c in cells for r in res.ranked(c)
                     if r.get(metric) is not None]
             if dots:
@@ -115,7 +117,7 @@ def _figure(res: Results, metric: str, panel: PanelDraw, title: str) -> bytes:
             ax.grid(True, alpha=0.3)
             ax.set_xlabel("training pairs", fontsize=8)
             ax.set_ylabel(metric_label(metric), fontsize=8)
-    handles: dict[str, object] = {}
+    handles: dict[str, Any] = {}
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)

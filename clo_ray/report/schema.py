@@ -46,7 +46,6 @@ import pyarrow.parquet as pq
 
 from clo_ray import storage
 from clo_ray.errors import CloRayError
-from clo_ray.eval.trial_eval import BASE_METRICS
 from clo_ray.layout import RESULTS_FILE
 from clo_ray.spec.grid import cell_of
 
@@ -64,6 +63,9 @@ RESULTS_SCHEMA = pa.schema(
      ("status", pa.string()), ("params", pa.string()), ("checkpoint", pa.string()),
      ("train_seconds", pa.float64()), ("train_tokens", pa.int64())]
     + [(name, pa.float64()) for name in METRIC_COLUMNS])
+# Base-model metrics each trial reports (as base_<name>): the report's untrained reference,
+# one ``base`` row per (model, language) in results.parquet.
+BASE_METRICS = ("target_fidelity", "english_retention", "target_nll", "english_nll")
 # Metrics a trial reports beyond METRIC_COLUMNS that results.parquet keeps, by name prefix:
 # lm-eval's (clo_ray.eval.lm_eval: ``lm_eval.<task>``, ``lm_eval.<task>.<metric>``).
 EXTRA_METRIC_PREFIXES = ("lm_eval.",)

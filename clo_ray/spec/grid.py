@@ -29,9 +29,9 @@ class Cell(NamedTuple):
         return f"{self.model}/{self.language}/{self.method}/{self.budget}"
 
 
-def model_label(model: object) -> str:
+def model_label(model: Any) -> str:
     """A ``spec.models`` entry's label (its reference when it has none)."""
-    return getattr(model, "label", None) or model.name
+    return str(getattr(model, "label", None) or model.name)
 
 
 def grid_cells(spec: SweepSpec) -> list[Cell]:

@@ -332,7 +332,7 @@ def _line(loc: tuple[Any, ...], message: str, value: Any, allowed: str | None) -
 
 
 def _show(value: Any) -> str:
-    text = {None: "null", True: "true", False: "false"}.get(value, None) \
+    text = {None: "null", True: "true", False: "false"}[value] \
         if isinstance(value, (bool, type(None))) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -142,17 +142,21 @@ class SearchSection(Section):
                 found.add(("space", key, "type"), f"{key} cannot be searched this way",
                           allowed=kinds, value=dist.type)
                 continue
-            named = ([("choices", i) for i in range(len(dist.choices or []))]
-                     if dist.type == "categorical" else [("low",), ("high",)])
-            for where in named:
-                value = dist.choices[where[1]] if len(where) == 2 else getattr(dist, where[0])
+            choices = dist.choices or []
+            named: list[tuple[str, int | None]] = (
+                [("choices", i) for i in range(len(choices))] if dist.type == "categorical"
+                else [("low", None), ("high", None)])
+            for attr, index in named:
+                value = choices[index] if index is not None else getattr(dist, attr)
                 if isinstance(value, str) and what.startswith("a number"):
                     try:  # YAML 1.1 reads 1e-5 (no dot) as a string
                         value = float(value)
-                        dist.choices[where[1]] = value  # type: ignore[index]
+                        if index is not None:
+                            choices[index] = value
                     except ValueError:
                         pass
                 if not check(value):
+                    where = (attr,) if index is None else (attr, index)
                     found.add(("space", key, *where), f"must be {what}", value=value)
         if self.scheduler.metric not in TRAINING_METRICS:
             found.add(("scheduler", "metric"), "not reported during training",

@@ -162,7 +162,7 @@ class ResourcesSection(Section):
     # places beside it) asks for, on top of one CPU: e.g. {on_demand: 1} keeps trials and
     # controllers off spot nodes on the clusters/ configs, which advertise that resource.
     trial_resources: dict[str, float] = {}
-    # For the plan's cost estimate only (default: 400 TFLOP/s per GPU, see clo_ray.spec.plan)
+    # For the plan's cost estimate only (default: 400 TFLOP/s per GPU, see clo_ray.sweep.plan)
     assumed_tflops_per_worker: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")

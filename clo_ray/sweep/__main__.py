@@ -31,8 +31,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for an invalid spec or input)."""
     args = _parser().parse_args(argv)
-    from clo_ray.spec.plan import build_plan, format_plan
     from clo_ray.spec.schema import load_spec
+    from clo_ray.sweep.plan import build_plan, format_plan
 
     try:
         spec = load_spec(args.spec)

@@ -53,7 +53,7 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
     from clo_ray.data.corpus import load_corpus
     from clo_ray.data.pairs import prepare_sweep_pairs
     from clo_ray.ray_env import driver_runtime_env, start_ray
-    from clo_ray.report.build import build_report
+    from clo_ray.report.build import ReportOptions, build_report
     from clo_ray.report.schema import load_results, results_table
     from clo_ray.translate.stage import load_translations, translate_corpus
     from clo_ray.tune.tuner import build_tuner
@@ -82,11 +82,6 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
         run_judge_stage(spec)
     if only in (None, "report"):
         files = build_report(load_results(layout.results, layout.options), layout.uri,
-                             metrics=spec.report.metrics or None, mode=spec.search.mode,
-                             rank_by=spec.search.metric,
-                             plots=spec.report.plots, title=spec.run.name,
-                             multi_objective=spec.search.multi_objective,
-                             formats=tuple(spec.report.formats),
-                             storage_options=layout.options)
+                             ReportOptions.of(spec), layout.options)
         print(f"report: {files.markdown}")
     return grid

@@ -8,6 +8,10 @@ Layout of one checkpoint directory (what ``ray.train.report(checkpoint=...)`` pe
     optimizer/               DeepSpeed's optimizer + LR-scheduler state (mid-stage only), one
                              ``zero_pp_rank_R`` file per worker under ZeRO 1-3
 
+The run's own position (:class:`RunState`: stage, step, what each stage trained) is written
+into a checkpoint by :func:`save_checkpoint` on every worker and read back by
+:func:`resume_point` when Ray hands a checkpoint to a restarted or re-run worker group.
+
 A model is rebuilt by loading the base model and applying the stage files in order: a plain
 stage's tensors replace those weights, a LoRA stage's adapters (its peft settings are in the
 manifest) are merged into theirs. Attention-only CLO on SmolLM2-135M is ~9 MB instead of
@@ -19,6 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +33,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clo_ray.errors import CloRayError
+from clo_ray.train.loop_config import LoopConfig
+from clo_ray.train.schedule import lora_config_dict, trainable_parameters
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "clo-ray-checkpoint/1"
 MANIFEST = "manifest.json"
 OPTIMIZER_DIR = "optimizer"
+DS_TAG = "ds"  # DeepSpeed's checkpoint tag inside <checkpoint>/optimizer/
 
 
 class CheckpointError(CloRayError):
@@ -117,7 +127,7 @@ def apply_stage(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     return wrapped.merge_and_unload()
 
 
-def apply_checkpoint(model: torch.nn.Module, directory: str | Path,
+def apply_checkpoint(model: Any, directory: str | Path,
                      stages: range | None = None) -> torch.nn.Module:
     """Apply the checkpoint's stage files (default: all it holds) to a base model, in order."""
     manifest = read_manifest(directory)
@@ -127,7 +137,7 @@ def apply_checkpoint(model: torch.nn.Module, directory: str | Path,
     return model
 
 
-def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_model(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> Any:
     """The full trained model: the manifest's base model with every stage applied."""
     from transformers import AutoModelForCausalLM
 
@@ -159,3 +169,153 @@ def export_model(checkpoint_dir: str | Path, out_dir: str | Path, *,
     (out / "clo_ray_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     logger.info("exported %s (base %s) to %s", checkpoint_dir, manifest["base_model"], out)
     return out
+
+
+# ----------------------------------------------------------------- the run's own position
+
+
+@dataclass
+class StageState:
+    """What one stage trained: gathered tensors by name, and its LoRA settings (or None)."""
+
+    tensors: dict[str, torch.Tensor]
+    lora: dict[str, Any] | None
+    names: list[str]
+
+
+@dataclass
+class RunState:
+    """Where this worker stands in the schedule; filled from a checkpoint on resume."""
+
+    stage: int = 0
+    step: int = 0  # optimizer steps already done in ``stage``
+    global_step: int = 0
+    finished: list[StageState] = field(default_factory=list)
+    current: StageState | None = None  # the running (or interrupted) stage's tensors
+    checkpoint_dir: str | None = None  # local copy of a mid-stage checkpoint (until loaded)
+    optimizer_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class StagePosition:
+    """A point of the schedule: stage ``index`` after ``done`` of its ``totals[index]`` steps,
+    over ``n_pairs`` training pairs."""
+
+    index: int
+    done: int
+    totals: list[int]
+    n_pairs: int
+
+    @property
+    def stage_end(self) -> bool:
+        return self.done == self.totals[self.index]
+
+
+def trained_state(engine: Any) -> StageState:
+    """Gather the stage's trainable tensors to full shape on every rank (a collective).
+
+    Under ZeRO-3 each parameter is a ``[0]``-shaped shard outside a gather; reading the
+    names and values inside ``GatheredParameters`` gives what a checkpoint must store.
+    """
+    import deepspeed
+
+    model = engine.module.model  # inside logprobs.ResponseLogps: the names of the HF model
+    params = trainable_parameters(model)
+    if engine.zero_optimization_partition_weights():  # ZeRO-3
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            tensors = {n: p.detach().to("cpu", copy=True) for n, p in params}
+    else:
+        tensors = {n: p.detach().to("cpu", copy=True) for n, p in params}
+    return StageState(tensors, lora_config_dict(model), [n for n, _ in params])
+
+
+def save_checkpoint(directory: Path, engine: Any, run: RunState, at: StagePosition,
+                    config: LoopConfig) -> None:
+    """Write this worker's part of a checkpoint into ``directory`` (all ranks call it).
+
+    Rank 0 writes every stage's tensors (``run.current`` for the running one) and the
+    manifest; mid-stage, every rank also writes its DeepSpeed optimizer/LR state (one ZeRO
+    partition per rank) under ``optimizer/``; Ray merges the workers' directories into one
+    checkpoint.
+    """
+    import ray.train
+
+    assert run.current is not None
+    context = ray.train.get_context()
+    with_optimizer = not at.stage_end
+    if with_optimizer:
+        engine.save_checkpoint(str(directory / OPTIMIZER_DIR), tag=DS_TAG,
+                               exclude_frozen_parameters=True, save_latest=False)
+    if context.get_world_rank() != 0:
+        return
+    index, done, totals = at.index, at.done, at.totals
+    stages = [*run.finished[:index], run.current]
+    for i, state in enumerate(stages):
+        save_trained(directory, i, state.tensors)
+    position = done * config.train.batch_pairs
+    write_manifest(directory, {
+        "base_model": config.model,
+        "stage": index,
+        "step": done,
+        "stage_steps": totals[index],
+        "global_step": sum(totals[:index]) + done,
+        "complete": index == len(totals) - 1 and done == totals[index],
+        "stages": [{"index": i, "name": spec.name, "loss": spec.loss,
+                    "modules": list(spec.modules),
+                    "layers": list(spec.layers) if spec.layers is not None else None,
+                    "lora": state.lora, "trainable": state.names,
+                    "steps": totals[i], "finished": i < index or done == totals[index]}
+                   for i, (spec, state) in enumerate(zip(config.stages, stages, strict=False))],
+        "data": {"pairs_uri": config.pairs_uri, "fingerprint": config.pairs_fingerprint,
+                 "languages": list(config.languages), "n_pairs": at.n_pairs,
+                 "batch_pairs": config.train.batch_pairs, "seed": config.seed + index,
+                 "epoch": position // at.n_pairs, "position": position % at.n_pairs},
+        "optimizer": OPTIMIZER_DIR if with_optimizer else None,
+        "world_size": context.get_world_size(),
+        "zero_stage": config.resources.zero_stage,
+        "precision": config.resources.precision,
+    })
+
+
+def checkpoint_or_none(directory: str) -> Any:
+    """A Ray checkpoint of ``directory``, or None when this worker wrote nothing into it."""
+    import ray.train
+
+    return ray.train.Checkpoint.from_directory(directory) if any(Path(directory).iterdir()) \
+        else None
+
+
+def resume_point(checkpoint: Any, config: LoopConfig, totals: list[int], world: int
+                 ) -> RunState:
+    """The run state a checkpoint describes (a fresh RunState without one).
+
+    Refuses a checkpoint of other data or another schedule length (a changed config reusing a
+    run name must not continue silently), and a mid-stage ZeRO checkpoint written by another
+    number of workers (its optimizer partitions would not fit).
+    """
+    if checkpoint is None:
+        return RunState()
+    local = tempfile.mkdtemp(prefix="clo-resume-")
+    checkpoint.to_directory(local)
+    manifest = read_manifest(local)
+    data = manifest["data"]
+    if data["fingerprint"] != config.pairs_fingerprint or \
+            [s["steps"] for s in manifest["stages"]] != totals[:len(manifest["stages"])]:
+        raise CheckpointError(f"checkpoint {checkpoint.path} is of other data or another "
+                              "schedule; use a new run name")
+    index, done = manifest["stage"], manifest["step"]
+    if manifest["optimizer"] and manifest["world_size"] != world and manifest["zero_stage"]:
+        raise CheckpointError(f"checkpoint {checkpoint.path} holds ZeRO optimizer "
+                              f"partitions of {manifest['world_size']} workers, not {world}")
+    states = [StageState(load_trained(local, i), entry["lora"], entry["trainable"])
+              for i, entry in enumerate(manifest["stages"])]
+    finished_current = done == manifest["stage_steps"]
+    run = RunState(global_step=manifest["global_step"], checkpoint_dir=local,
+                   finished=states if finished_current else states[:-1])
+    if finished_current:  # a stage boundary: no optimizer state to restore
+        run.stage, run.step, run.checkpoint_dir = index + 1, 0, None
+        shutil.rmtree(local, ignore_errors=True)
+    else:
+        run.stage, run.step, run.current = index, done, states[-1]
+        run.optimizer_dir = str(Path(local) / OPTIMIZER_DIR)
+    return run

@@ -27,6 +27,7 @@ import sys
 from typing import Any
 
 from clo_ray.errors import CloRayError
+from clo_ray.spec.training import ResourcesSection, TrainSection
 
 logger = logging.getLogger(__name__)
 
@@ -46,23 +47,23 @@ def gradient_accumulation(batch_pairs: int, micro_batch_pairs: int, workers: int
     return batch_pairs // per_step
 
 
-def deepspeed_config(train: dict[str, Any], resources: dict[str, Any], workers: int) -> dict:
-    """DeepSpeed JSON for the spec's ``train`` and ``resources`` sections (dumped as dicts)."""
-    stage = int(resources["zero_stage"])
+def deepspeed_config(train: TrainSection, resources: ResourcesSection, workers: int) -> dict:
+    """DeepSpeed JSON for the spec's ``train`` and ``resources`` sections."""
+    stage = int(resources.zero_stage)
     zero: dict[str, Any] = {"stage": stage}
-    offload = resources.get("offload", "none")
+    offload = resources.offload
     if offload in ("optimizer", "optimizer_and_params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if offload == "optimizer_and_params":
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    precision = resources.get("precision", "bf16")
+    precision = resources.precision
     return {
-        "train_batch_size": train["batch_pairs"],
-        "train_micro_batch_size_per_gpu": train["micro_batch_pairs"],
+        "train_batch_size": train.batch_pairs,
+        "train_micro_batch_size_per_gpu": train.micro_batch_pairs,
         "gradient_accumulation_steps": gradient_accumulation(
-            train["batch_pairs"], train["micro_batch_pairs"], workers
+            train.batch_pairs, train.micro_batch_pairs, workers
         ),
-        "gradient_clipping": float(train.get("grad_clip") or 0.0),
+        "gradient_clipping": float(train.grad_clip or 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
@@ -88,7 +89,7 @@ def prepare_cpu_deepspeed() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed.comm.torch  # noqa: F401  (registers the module in sys.modules)
 
-    module = sys.modules["deepspeed.comm.torch"]
+    module: Any = sys.modules["deepspeed.comm.torch"]
     if getattr(module.build_shm_op, "__name__", "") != "_no_shm_op":
 
         def _no_shm_op() -> None:

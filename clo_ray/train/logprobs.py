@@ -21,6 +21,7 @@ training forward computes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ class ResponseLogps(torch.nn.Module):
         return response_logps(self.model, input_ids, attention_mask, response_mask)
 
 
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+def causal_lm(model: Any) -> Any:
     """The transformers causal LM inside a peft wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -24,6 +24,7 @@ branches on a method name.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -40,6 +41,7 @@ from clo_ray.train.losses import (
 # The metric of each sequence row of an SFT example (clo_ray.train.batches' order).
 SFT_ROWS = {"target": ("target_nll",), "english": ("english_nll",),
             "both": ("target_nll", "english_nll")}
+T = TypeVar("T")
 Objective = Callable[[StageSpec, torch.Tensor, "torch.Tensor | None", torch.Tensor], LossOutput]
 
 
@@ -52,8 +54,9 @@ def clo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tenso
                   n_tokens: torch.Tensor) -> LossOutput:
     """L_CLO with the stage's lambda, beta, direction and NLL reductions."""
     assert reference is not None, "clo needs reference log-probs"
-    out = clo_loss(policy, reference, n_tokens, lambda_=stage.lambda_, beta=stage.beta,
-                   directions=stage.pair_reduction, nll_reduction=stage.nll_reduction)
+    out = clo_loss(policy, reference, n_tokens, lambda_=_filled(stage.lambda_),
+                   beta=_filled(stage.beta), directions=_filled(stage.pair_reduction),
+                   nll_reduction=_filled(stage.nll_reduction))
     metrics = {k: v for k, v in out.metrics.items() if k not in ("loss", "nll_target")}
     metrics.update(train_loss=out.metrics["loss"], target_nll=out.metrics["nll_target"],
                    english_nll=_token_nll(policy[EN_CHOSEN], n_tokens[EN_CHOSEN]))
@@ -64,8 +67,8 @@ def dpo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tenso
                   n_tokens: torch.Tensor) -> LossOutput:
     """DPO (sigmoid or IPO) on both cross-lingual directions of each pair."""
     assert reference is not None, "dpo needs reference log-probs"
-    out = cl_loss(policy, reference, beta=stage.beta, directions=stage.pair_reduction,
-                  variant=stage.dpo_variant)
+    out = cl_loss(policy, reference, beta=_filled(stage.beta),
+                  directions=_filled(stage.pair_reduction), variant=_filled(stage.dpo_variant))
     metrics = dict(out.metrics)
     metrics.update(train_loss=float(out.loss.detach()),
                    target_nll=_token_nll(policy[TGT_CHOSEN], n_tokens[TGT_CHOSEN]),
@@ -76,7 +79,7 @@ def dpo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tenso
 def sft_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tensor | None,
                   n_tokens: torch.Tensor) -> LossOutput:
     """NLL over every response of the micro-batch, reduced as the stage says."""
-    loss = sft_loss(policy.reshape(-1), n_tokens.reshape(-1), stage.nll_reduction)
+    loss = sft_loss(policy.reshape(-1), n_tokens.reshape(-1), _filled(stage.nll_reduction))
     metrics = {"train_loss": float(loss.detach())}
     for row, name in enumerate(SFT_ROWS[stage.sft_data or "target"]):
         metrics[name] = _token_nll(policy[row], n_tokens[row])
@@ -106,3 +109,10 @@ def language_metrics(objective: Objective, stage: StageSpec, policy: torch.Tenso
             result = objective(stage, policy[:, cols].detach(), ref, n_tokens[:, cols])
             out[language] = (result.metrics, int(cols.sum()))
     return out
+
+
+def _filled(value: T | None) -> T:
+    """A loss setting of the stage: StageSpec fills every one that applies to its loss with
+    the default (spec.training.LOSS_FIELDS), so None here is a bug, not a user error."""
+    assert value is not None, "StageSpec left a setting of its own loss unset"
+    return value

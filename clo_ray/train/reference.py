@@ -14,15 +14,19 @@ there. A cache written by 2 workers serves a trial with 4: the numbers do not de
 the work was split. Two trials racing on the same key write identical files; either wins.
 
 Rows are keyed by :attr:`Example.key` (language + pair id): a multi-target trial holds the
-same English pair once per language. No Ray here: the train loop calls these on each worker.
+same English pair once per language. No Ray here: the train loop calls these on each worker
+(:func:`stage_reference`, with the worker's rank and world size; its collectives are
+``torch.distributed``'s).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -32,9 +36,14 @@ import torch
 
 from clo_ray import storage
 from clo_ray.errors import CloRayError
+from clo_ray.spec.training import StageSpec
 from clo_ray.storage import StorageOptions
 from clo_ray.train.batches import Example, n_sequences
+from clo_ray.train.checkpoint import StageState
 from clo_ray.train.logprobs import batched_response_logps
+from clo_ray.train.loop_config import LoopConfig
+
+logger = logging.getLogger("clo_ray.train")
 
 # Bump when the encoding (batches.py) or this layout changes: every old cache then misses
 # instead of silently feeding stale numbers to a new encoding.
@@ -179,3 +188,74 @@ def _list_shards(uri: str, storage_options: StorageOptions) -> dict[int, set[int
 def _complete_worlds(shards: Mapping[int, set[int]]) -> list[int]:
     """Worker counts whose shards are all present, smallest (fewest files to read) first."""
     return sorted(w for w, ranks in shards.items() if ranks >= set(range(w)))
+
+
+# ------------------------------------------------------------------- one stage's reference
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This worker's share of the reference pass: ``examples[rank::world]`` on ``device``."""
+
+    rank: int
+    world: int
+    device: Any
+
+
+def tensors_fingerprint(states: Sequence[StageState]) -> str:
+    """Content hash of what earlier stages trained (names, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for state in states:
+        digest.update(json.dumps(state.lora, sort_keys=True).encode())
+        for name in sorted(state.tensors):
+            tensor = state.tensors[name].detach().cpu().contiguous()
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_reference_uri(config: LoopConfig, stage: StageSpec, index: int,
+                        finished: Sequence[StageState]) -> str:
+    """Where the reference log-probs of stage ``index``'s start model live.
+
+    The key names the model (the base reference and dtype, plus a hash of what earlier
+    stages trained: SFT+DPO's reference is the SFT result), the data, the template, the
+    max length and the encoding.
+    """
+    model_key = f"{config.model}|{config.resources.precision}"
+    if index and finished:
+        model_key += f"+{tensors_fingerprint(finished)}"
+    key = reference_key(model_key, config.pairs_fingerprint, config.train.prompt_template,
+                        config.train.max_length, stage.loss, stage.sft_data or "target")
+    return reference_uri(config.reference_root, key)
+
+
+def stage_reference(model: Any, examples: Sequence[Example], uri: str, shard: Shard, *,
+                    config: LoopConfig, pad_id: int | None) -> tuple[dict | None, int]:
+    """Reference log-probs at ``uri`` for every example, and how many this worker computed
+    (0 on a cache hit).
+
+    Rank 0 decides whether the cache is complete and tells the others, so all workers
+    agree; otherwise each computes its shard ``examples[rank::world]`` and writes it, and
+    all read the whole table after a barrier.
+    """
+    import torch.distributed as dist
+
+    options = config.storage_options or None
+    flag = [shard_complete(uri, shard.world, options) if shard.rank == 0 else None]
+    if shard.world > 1:
+        dist.broadcast_object_list(flag, src=0)
+    computed = 0
+    if not flag[0]:
+        mine = examples[shard.rank::shard.world]
+        model.to(shard.device)
+        logps = compute_reference_logps(model, mine, pad_id=pad_id,
+                                        micro_batch=config.train.micro_batch_pairs)
+        write_shard(uri, mine, logps, rank=shard.rank, world=shard.world,
+                    storage_options=options)
+        computed = len(mine)
+        logger.info("rank %d computed reference log-probs of %d examples -> %s", shard.rank,
+                    computed, uri)
+    if shard.world > 1:
+        dist.barrier()
+    return read_reference(uri, options), computed

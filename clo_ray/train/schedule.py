@@ -168,7 +168,7 @@ def lora_config_dict(model: torch.nn.Module) -> dict[str, Any] | None:
             "target_modules": sorted(config.target_modules)}
 
 
-def finish_stage(model: torch.nn.Module) -> torch.nn.Module:
+def finish_stage(model: Any) -> torch.nn.Module:
     """The plain model after a stage: LoRA adapters merged into their weights, else as is."""
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
@@ -219,7 +219,7 @@ class SampleStream:
         if n_pairs <= 0:
             raise ScheduleError("no training pairs")
         self.n_pairs, self.seed = n_pairs, seed
-        self._epoch, self._order = -1, []
+        self._epoch, self._order = -1, list[int]()
 
     def indices(self, start: int, count: int) -> list[int]:
         """Pair indices at stream positions ``start .. start + count - 1``."""

@@ -33,6 +33,7 @@ from clo_ray.ray_env import worker_env
 from clo_ray.spec.schema import SweepSpec
 from clo_ray.spec.training import StageSpec
 from clo_ray.train.deepspeed_config import gradient_accumulation
+from clo_ray.train.loop_config import LoopConfig
 from clo_ray.train.schedule import apply_overrides
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ class MetricsHistory(UserCallback):
             if storage.exists(self.uri, self.storage_options):
                 with storage.open_input(self.uri, self.storage_options) as fh:
                     self.lines = fh.read().decode().splitlines()
-        row = {k: v for k, v in (metrics[0] if metrics else {}).items()
-               if isinstance(v, (int, float, str))}
+        row: dict[str, Any] = {k: v for k, v in (metrics[0] if metrics else {}).items()
+                               if isinstance(v, (int, float, str))}
         row["checkpoint"] = checkpoint.path if checkpoint is not None else None
         self.lines.append(json.dumps(row, sort_keys=True))
         storage.write_bytes_atomic(self.uri, ("\n".join(self.lines) + "\n").encode(),
@@ -105,29 +106,20 @@ def method_stages(spec: SweepSpec, method: str, overrides: Mapping[str, Any] | N
 
 
 def loop_config(spec: SweepSpec, *, model: str, stages: Sequence[StageSpec],
-                pairs: PreparedPairs,
-                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The plain dict every worker's loop receives (JSON-able: it travels through Ray)."""
+                pairs: PreparedPairs, extra: Mapping[str, Any] | None = None) -> LoopConfig:
+    """What every worker's loop receives (see :class:`~clo_ray.train.loop_config.LoopConfig`);
+    ``extra``: its testing / time-boxing keys (``stop_after_steps``, ``sample_log``, ...)."""
     workers = spec.resources.workers_per_trial
     gradient_accumulation(spec.train.batch_pairs, spec.train.micro_batch_pairs, workers)
-    config = {
-        "model": model,
-        "languages": list(pairs.languages),
-        "stages": [stage.model_dump(mode="json", by_alias=True) for stage in stages],
-        "train": spec.train.model_dump(mode="json"),
-        "resources": spec.resources.model_dump(mode="json"),
-        "seed": spec.run.seed,
-        "pairs_uri": pairs.train_uri,
-        "eval_uri": pairs.eval_uri,
-        "pairs_fingerprint": pairs.fingerprint,
-        "reference_root": RunLayout.of(spec).reference,  # one folder per content key
-        "storage_options": dict(spec.run.storage_options),
-    }
-    config.update(extra or {})
-    return config
+    return LoopConfig(
+        model=model, languages=tuple(pairs.languages), stages=tuple(stages), train=spec.train,
+        resources=spec.resources, seed=spec.run.seed, pairs_uri=pairs.train_uri,
+        eval_uri=pairs.eval_uri, pairs_fingerprint=pairs.fingerprint,
+        reference_root=RunLayout.of(spec).reference,
+        storage_options=dict(spec.run.storage_options) or None).with_extra(extra)
 
 
-def build_trainer(spec: SweepSpec, config: dict[str, Any], *, run_name: str,
+def build_trainer(spec: SweepSpec, config: LoopConfig, *, run_name: str,
                   callbacks: Sequence[Any] = (), storage_path: str | None = None) -> Any:
     """A TorchTrainer for one run: workers and resources, storage, retries, checkpoints."""
     import ray.train
@@ -159,7 +151,7 @@ def build_trainer(spec: SweepSpec, config: dict[str, Any], *, run_name: str,
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config={"loop": config},  # Ray wants a dict; the loop unwraps it
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=resources.workers_per_trial,
                                                use_gpu=use_gpu,

@@ -315,6 +315,7 @@ def translator_stage(ds: ray.data.Dataset, translator: TranslatorSection, *, sou
 
         return vllm_stage(ds, translator, source=source, decoding=decoding, call_log=call_log)
     common: dict[str, Any] = {"source": source, "call_log": call_log}
+    kwargs: dict[str, Any]
     if translator.backend == "parallel":
         actor: type[_Translator] = ParallelTranslator
         kwargs = {"path": translator.path, "languages": languages,

@@ -173,7 +173,7 @@ class TranslationCache:
         return manifest
 
     def result(self, manifest: dict[str, Any], **this_call: Any) -> TranslationResult:
-        files = {name: self._path(manifest["files"][name]) for name in OUTPUTS}
+        files: dict[str, Any] = {name: self._path(manifest["files"][name]) for name in OUTPUTS}
         return TranslationResult(
             language=self.language, key=self.key, uri=self.uri, **files,
             rows=manifest["rows"], accepted=manifest["accepted"],

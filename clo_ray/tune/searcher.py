@@ -61,6 +61,7 @@ def optuna_space(spec: SweepSpec, method: str) -> dict[str, optuna.distributions
             space[key] = optuna.distributions.CategoricalDistribution(
                 [_encode(c) for c in dist.choices or []])
         elif dist.type == "int":
+            assert dist.low is not None and dist.high is not None  # the spec requires both
             space[key] = optuna.distributions.IntDistribution(
                 int(dist.low), int(dist.high), log=dist.log, step=int(dist.step or 1))
         else:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from clo_ray.languages import LANGUAGES
 from clo_ray.layout import RunLayout
-from clo_ray.spec.grid import Cell
+from clo_ray.spec.grid import Cell, model_label
 from clo_ray.spec.schema import SweepSpec, check_corpus_size, spec_hash
 
 DEFAULT_ENGLISH_TOKENS = 400.0  # English prompt + response tokens of an oasst1-like pair
@@ -139,7 +139,7 @@ def read_corpus_stats(spec: SweepSpec) -> tuple[int | None, float | None, str]:
 def _parameters(spec: SweepSpec) -> dict[str, float | None]:
     from clo_ray.models.resolve import parameter_count
 
-    return {m.label: m.params_b * 1e9 if m.params_b else parameter_count(m.name)
+    return {model_label(m): m.params_b * 1e9 if m.params_b else parameter_count(m.name)
             for m in spec.models}
 
 
@@ -156,7 +156,8 @@ def _schedule_cost(spec: SweepSpec, schedule: str, budget: int, english: float,
     train = ref_trial = ref_shared = 0.0
     for i, stage in enumerate(spec.stages(schedule)):
         per_pair = _stage_tokens(stage.loss, stage.sft_data, english, target)
-        pairs = stage.epochs * budget if stage.epochs else stage.steps * spec.train.batch_pairs
+        pairs = stage.epochs * budget if stage.epochs else \
+            (stage.steps or 0) * spec.train.batch_pairs  # one of the two is set
         train += pairs * per_pair
         if stage.loss in ("clo", "dpo"):
             if i == 0:
@@ -187,7 +188,7 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
     trials, holdout = spec.search.trials_per_cell, spec.evaluation.holdout
     cells, shared_done = [], set()
     for model in spec.models:
-        p = params[model.label]
+        p = params[model_label(model)]
         for lang in spec.languages:
             target = english * expansion(lang)
             for method in spec.methods:
@@ -195,7 +196,7 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
                 for budget in spec.budgets:
                     costs = [_schedule_cost(spec, s, budget, english, target) for s in names]
                     train, ref_trial, ref_shared = max(costs, key=lambda c: 3 * c[0] + c[1])
-                    key = (model.label, lang, budget)
+                    key = (model_label(model), lang, budget)
                     if ref_shared and key not in shared_done:
                         shared_done.add(key)
                     else:
@@ -204,9 +205,9 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
                     flops = None if p is None else \
                         p * (trials * (6 * train + 2 * ref_trial) + 2 * ref_shared)
                     hours = None if flops is None else flops / throughput / 3600 * devices
-                    cells.append(CellPlan(Cell(model.label, lang, method.name, budget), trials,
-                                      max(len(spec.stages(s)) for s in names), budget, holdout,
-                                      tokens, flops, hours))
+                    cell = Cell(model_label(model), lang, method.name, budget)
+                    cells.append(CellPlan(cell, trials, max(len(spec.stages(s)) for s in names),
+                                          budget, holdout, tokens, flops, hours))
     unit = "GPU" if gpu else "CPU"
     sizes = ", ".join(f"{label} {p / 1e9:.3g}B" if p else f"{label} unknown (set params_b)"
                       for label, p in params.items())
@@ -234,7 +235,7 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
         "several schedules: the most expensive), retries",
     )
     return Plan(spec.run.name, spec_hash(spec), RunLayout.of(spec).uri,
-                tuple(m.label or m.name for m in spec.models), tuple(spec.languages),
+                tuple(model_label(m) for m in spec.models), tuple(spec.languages),
                 tuple(m.name for m in spec.methods), tuple(spec.budgets), trials, unit,
                 tuple(cells), assumptions, rows,
                 tuple(label for label, p in params.items() if p is None))

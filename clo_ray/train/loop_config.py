@@ -1,0 +1,58 @@
+"""What every worker's training loop is handed: one typed, picklable object.
+
+Built on the driver by :func:`clo_ray.train.trainer.loop_config` and passed through Ray Train's
+``train_loop_config`` as ``{"loop": LoopConfig(...)}`` (Ray wants a dict); the loop, the
+checkpoint writer and the reference cache read its fields, so a misspelt key is a type error,
+not a silent ``KeyError`` on a worker minutes into a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from clo_ray.errors import CloRayError
+from clo_ray.spec.training import ResourcesSection, StageSpec, TrainSection
+
+# Keys of run_training(extra_config=...): testing and time-boxing knobs of the loop.
+EXTRA_KEYS = ("stop_after_steps", "sample_log", "step_sleep_s")
+
+
+class LoopConfigError(CloRayError, ValueError):
+    """``extra_config`` names a key the loop does not read."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """One run's loop settings: the model, its data in storage, the schedule, the spec's
+    ``train`` and ``resources`` sections, and where the reference cache lives."""
+
+    model: str  # model reference (hub id, local dir, builtin:...)
+    languages: tuple[str, ...]
+    stages: tuple[StageSpec, ...]  # search overrides already applied
+    train: TrainSection
+    resources: ResourcesSection
+    seed: int
+    pairs_uri: str  # the pairs stage's training parquet
+    eval_uri: str
+    pairs_fingerprint: str  # part of every reference-cache key
+    reference_root: str  # RunLayout.reference: one folder per content key
+    storage_options: dict[str, Any] | None = None
+    # Testing / time-boxing: checkpoint and return after that many global steps (as a
+    # preempted job would); append each rank's pair keys per step to <sample_log>.rank<R>;
+    # sleep after each step.
+    stop_after_steps: int | None = None
+    sample_log: str | None = None
+    step_sleep_s: float = 0.0
+
+    def with_extra(self, extra: Mapping[str, Any] | None) -> LoopConfig:
+        """This config with ``run_training(extra_config=...)`` applied (see EXTRA_KEYS)."""
+        if not extra:
+            return self
+        unknown = sorted(set(extra) - set(EXTRA_KEYS))
+        if unknown:
+            raise LoopConfigError(f"extra_config keys {unknown} are not loop settings; the "
+                                  f"loop reads {', '.join(EXTRA_KEYS)}")
+        return replace(self, **dict(extra))
+
