@@ -189,6 +189,39 @@ def test_failed_build_leaves_nothing_behind(
     assert not list(tmp_path.glob(".fake-v1.tmp-*"))
 
 
+def test_an_incomplete_cached_build_is_rebuilt(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A folder without config.json (what a rank-1 build once cached) is not a model."""
+    calls: list[Path] = []
+
+    def build(out: Path) -> None:
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+
+    _fake_builtin(monkeypatch, build)
+    stale = tmp_path / "fake-v1"
+    stale.mkdir()
+    (stale / "tokenizer.json").write_text("{}")
+    assert materialize("fake", tmp_path) == stale
+    assert len(calls) == 1 and (stale / "config.json").is_file()
+    assert not (stale / "tokenizer.json").exists()  # the stale folder was replaced whole
+
+
+def test_a_build_on_a_distributed_rank_other_than_0_writes_the_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """transformers 5 skips save_pretrained on a torch.distributed rank != 0; inside a Ray
+    Train worker group the rank that takes the build lock may be 1, and must still write."""
+    from transformers.distributed import mixin
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    path = materialize("tiny-llama", tmp_path)
+    assert (path / "config.json").is_file()
+    assert list(path.glob("*.safetensors"))
+
+
 # --------------------------------------------------------------------------- SmolLM2 (slow)
 
 

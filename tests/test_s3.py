@@ -210,7 +210,7 @@ def s3_sweep(s3_endpoint, tmp_path_factory):
         yield {"client": client, "work": work, "logs": logs, "ray_tmp": ray_tmp,
                "secrets": secrets, "before": before, "after": history(client),
                "cached": cached, "cache_now": objects(client, f"{PREFIX}/cache/"),
-               "saw": saw}
+               "saw": saw, "env": env}
     finally:
         kill_run(first, marker)
         first_log.close()
@@ -312,3 +312,18 @@ def test_credentials_in_storage_options_are_refused_naming_no_value():
     assert "s3cr3t-value" not in str(err.value) and "t0ken-value" not in str(err.value)
     del data["run"]["storage_options"]["secret"], data["run"]["storage_options"]["session_token"]
     assert load_spec(data).run.storage_options == {"region": "us-east-1"}
+
+
+@pytest.mark.slow
+def test_report_cli_rebuilds_the_report_of_an_s3_run_folder(s3_sweep):
+    """``python -m clo_ray.report s3://.../RUN``: results and the spec record read from the
+    bucket, report.md written back there."""
+    client, key = s3_sweep["client"], f"{PREFIX}/tiny/report.md"
+    client.delete_object(Bucket=BUCKET, Key=key)
+    done = subprocess.run([sys.executable, "-m", "clo_ray.report", f"s3://{BUCKET}/{PREFIX}/tiny"],
+                          cwd=s3_sweep["work"], env=s3_sweep["env"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"s3://{BUCKET}/{key}" in done.stdout.splitlines()
+    text = read(client, key).decode("utf-8")
+    assert text.startswith("# tiny\n")  # the title the recorded spec gives (run.name)

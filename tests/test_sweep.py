@@ -55,14 +55,54 @@ def history(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+# Counts corpus loads in every process of a run (the driver, and Ray's workers, which inherit
+# its environment): a sitecustomize on PYTHONPATH wraps load_corpus when the module loads.
+COUNT_LOADS = """
+import functools, importlib.abc, os, sys
+
+class _CountCorpusLoads(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "clo_ray.data.corpus":
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            load = module.load_corpus
+
+            @functools.wraps(load)
+            def counted(*args, **kwargs):
+                with open(os.environ["CLO_RAY_TEST_LOAD_LOG"], "a") as fh:
+                    fh.write(f"{os.getpid()}\\n")
+                return load(*args, **kwargs)
+            module.load_corpus = counted
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _CountCorpusLoads())
+"""
+
+
+def counting_env(tmp: Path) -> dict[str, str]:
+    hook = tmp / "count_loads"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(COUNT_LOADS)
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "CLO_RAY_TEST_LOAD_LOG": str(tmp / "loads.log")}
+
+
 @pytest.fixture(scope="module")
 def interrupted_and_resumed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     spec = write_spec(tmp)
     run_dir = tmp / "runs" / "tiny"
+    env = counting_env(tmp)
     log = open(tmp / "first.log", "w")
     first = subprocess.Popen(sweep_command(spec), cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)  # its own process group: its local Ray too
+                             start_new_session=True, env=env)  # own process group: its Ray too
     deadline = time.time() + 600
     while finished_trials(run_dir / "tune") < 1:
         assert first.poll() is None, (tmp / "first.log").read_text()[-3000:]
@@ -74,9 +114,10 @@ def interrupted_and_resumed(tmp_path_factory):
     cache = tmp / "runs" / "cache"
     cached = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
     done = subprocess.run(sweep_command(spec), cwd=tmp, capture_output=True, text=True,
-                          timeout=1200)
+                          timeout=1200, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"tmp": tmp, "spec": spec, "run_dir": run_dir, "before": before,
+            "loads": (tmp / "loads.log").read_text().split(), "first_pid": first.pid,
             "after": history(run_dir), "cached": cached,
             "cache_now": {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}}
 
@@ -159,3 +200,39 @@ def test_only_report_rebuilds_the_report_from_storage(interrupted_and_resumed):
     assert "| tiny-llama |" in (run_dir / "report.md").read_text()
     assert results.stat().st_mtime_ns == stamp
     assert "Started a local Ray instance" not in done.stderr  # the report needs no cluster
+
+
+def test_the_corpus_is_loaded_once_per_driver_run(interrupted_and_resumed):
+    """The pairs stage hands trials their data: no trial, train worker or evaluation task
+    loads the corpus (it was 28 loads for the 12 trials of the smoke sweep before)."""
+    loads = interrupted_and_resumed["loads"]
+    assert len(loads) == 2, loads  # the killed driver run and the resumed one
+    assert loads[0] == str(interrupted_and_resumed["first_pid"])  # the driver process itself
+
+
+def test_report_cli_rebuilds_the_report_of_a_run_folder(interrupted_and_resumed):
+    """``python -m clo_ray.report RUN_DIR`` on the folder the sweep wrote: it reads the spec
+    record (``{spec_hash, spec}``) the sweep left there, as the README says."""
+    run_dir = interrupted_and_resumed["run_dir"]
+    (run_dir / "report.md").unlink()
+    done = subprocess.run([sys.executable, "-m", "clo_ray.report", str(run_dir)],
+                          cwd=interrupted_and_resumed["tmp"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert str(run_dir / "report.md") in done.stdout.splitlines()
+    report = (run_dir / "report.md").read_text()
+    assert report.startswith("# tiny\n")  # the recorded spec's run.name (default: no title)
+    assert "| tiny-llama |" in report
+
+
+def test_report_cli_names_a_broken_spec_record(interrupted_and_resumed, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "runs" / "copy"
+    run_dir.mkdir(parents=True)
+    shutil.copy(interrupted_and_resumed["run_dir"] / "results.parquet", run_dir)
+    (run_dir / "spec.yaml").write_text("[not, a, spec]\n")
+    done = subprocess.run([sys.executable, "-m", "clo_ray.report", str(run_dir)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert str(run_dir / "spec.yaml") in done.stderr and "Traceback" not in done.stderr
