@@ -165,8 +165,8 @@ def test_paper_trial_and_translators_fit_a_node_type(cloud):
 def test_paper_trials_ask_for_what_only_on_demand_nodes_have(cloud):
     """A trial's own process (and so its Train controller) must never land on a spot node:
     paper.yaml's trial_resources name a resource that on-demand types have and spot types lack."""
+    from clo_ray.ray_env import trial_resources
     from clo_ray.spec.schema import load_spec
-    from clo_ray.tune.tuner import trial_resources
 
     asked = trial_resources(load_spec(ROOT / "sweeps" / "paper.yaml"))
     custom = {k for k in asked if k not in ("CPU", "GPU", "memory")}

@@ -63,7 +63,7 @@ def sweep(tmp_path_factory) -> dict:
     from transformers import AutoModelForCausalLM
 
     from clo_ray.eval.evaluate import load_answers
-    from clo_ray.tune.tuner import evaluate_trial
+    from clo_ray.eval.trial_eval import evaluate_trial
 
     tmp = tmp_path_factory.mktemp("judge")
     spec = _spec(tmp / "runs")

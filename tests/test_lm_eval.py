@@ -182,9 +182,9 @@ def test_trial_reports_lm_eval_and_results_carry_it(tiny_dir: Path, tasks_dir: P
     from conftest import sample_translations
     from ray.tune import Result
 
+    from clo_ray.eval.trial_eval import evaluate_trial
     from clo_ray.report.build import ReportOptions, build_report
     from clo_ray.report.schema import load_results, results_table
-    from clo_ray.tune.tuner import evaluate_trial
 
     data = yaml.safe_load((ROOT / "tests" / "specs" / "tiny_sweep.yaml").read_text())
     data["run"]["storage"] = str(tmp_path / "runs")

@@ -39,7 +39,7 @@ from clo_ray.report.results import pareto_front
 from clo_ray.spec.grid import Cell, grid_cells
 from clo_ray.spec.schema import load_spec
 from clo_ray.tune.searcher import CellScheduler
-from clo_ray.tune.tuner import trial_run_name
+from clo_ray.tune.trainable import trial_run_name
 
 SPECS = Path(__file__).resolve().parent / "specs"
 STEPS = 7  # the asha_stop.yaml schedule; ASHA rungs at steps 1, 2, 4
