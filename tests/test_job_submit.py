@@ -264,8 +264,8 @@ def test_the_job_ran_in_the_uploaded_working_dir_without_the_venv(submitted):
     packages = submitted["packages"]
     assert len(packages) == 1, packages
     package = packages[0]
-    assert (package / "clo_ray" / "sweep.py").read_text() == \
-        (ROOT / "clo_ray" / "sweep.py").read_text()
+    assert (package / "clo_ray" / "sweep" / "runner.py").read_text() == \
+        (ROOT / "clo_ray" / "sweep" / "runner.py").read_text()
     assert not (package / ".venv").exists() and not (package / ".git").exists()
     size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
     assert size < 50 * 2**20, f"{size} bytes uploaded"

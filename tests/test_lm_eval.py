@@ -204,7 +204,7 @@ def test_trial_reports_lm_eval_and_results_carry_it(tiny_dir: Path, tasks_dir: P
     for name in ("answers.parquet", "metrics.json", "lm_eval.json", "base.json"):
         assert storage.exists(storage.join(trial_uri, name)), name
 
-    config = {"cell": {"model": "builtin:tiny-llama", "label": "tiny", "language": "sw",
+    config = {"cell": {"model": "tiny", "language": "sw",
                        "method": "clo", "budget": 8}, "params": {"lr": 1e-3}}
     result = Result(metrics={**metrics, "config": config, "trial_done": True,
                              "trial_id": "t0", "checkpoint": checkpoint.path},

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import socket
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,7 +57,7 @@ def test_cell_scheduler_stops_within_a_cell_only_and_only_on_training_reports():
     clo, sft = (Cell("tiny", "sw", method, 8) for method in ("clo", "sft"))
     scheduler = CellScheduler(metric="target_nll", mode="min", grace_period_steps=2,
                               reduction_factor=2)
-    trials = {name: SimpleNamespace(trial_id=name, config={"cell": asdict(cell)})
+    trials = {name: SimpleNamespace(trial_id=name, config={"cell": cell._asdict()})
               for name, cell in (("clo-a", clo), ("clo-b", clo), ("sft-a", sft))}
     for trial in trials.values():
         scheduler.on_trial_add(None, trial)
