@@ -18,7 +18,7 @@ from clo_ray.eval.generate import (
     load_model,
     resolve_backend,
 )
-from clo_ray.eval.heldout import HeldoutError, heldout_metrics
+from clo_ray.eval.heldout import HeldoutError, HeldoutScoring, heldout_metrics
 from clo_ray.eval.judge import make_judge
 from clo_ray.eval.objective import objective
 from clo_ray.models.resolve import resolve_model
@@ -28,6 +28,7 @@ from clo_ray.train.batches import encode_examples
 from clo_ray.train.reference import compute_reference_logps
 
 MAX_LENGTH = 128
+SCORING = HeldoutScoring(TEMPLATE, MAX_LENGTH, beta=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,7 @@ def test_resolve_backend() -> None:
 
 def test_heldout_metrics_against_itself(tiny, rows) -> None:
     model, tokenizer = tiny
-    got = heldout_metrics(model, tokenizer, rows, template=TEMPLATE, max_length=MAX_LENGTH,
-                          beta=0.1, micro_batch=2)
+    got = heldout_metrics(model, tokenizer, rows, replace(SCORING, micro_batch=2))
     for name in ("target_nll", "english_nll"):
         assert math.isfinite(got[name]) and got[name] > 0
     # a random model over a 2048-token vocabulary: about ln(2048) = 7.6 nats per token
@@ -84,8 +84,7 @@ def test_heldout_metrics_against_itself(tiny, rows) -> None:
     assert got["reward_margin"] == 0.0
     assert torch.tensor(got["logps"]).shape == (rows.num_rows, 4)
     with pytest.raises(HeldoutError, match="shape"):
-        heldout_metrics(model, tokenizer, rows, template=TEMPLATE, max_length=MAX_LENGTH,
-                        beta=0.1, reference_logps=[[0.0] * 4])
+        heldout_metrics(model, tokenizer, rows, SCORING, reference_logps=[[0.0] * 4])
 
 
 def test_heldout_metrics_move_with_another_reference(tiny, rows) -> None:
@@ -99,10 +98,8 @@ def test_heldout_metrics_move_with_another_reference(tiny, rows) -> None:
                                max_length=MAX_LENGTH)
     reference = compute_reference_logps(other, examples, micro_batch=4,
                                         pad_id=tokenizer.pad_token_id)
-    own = heldout_metrics(model, tokenizer, rows, template=TEMPLATE, max_length=MAX_LENGTH,
-                          beta=0.1)
-    got = heldout_metrics(model, tokenizer, rows, template=TEMPLATE, max_length=MAX_LENGTH,
-                          beta=0.1, reference_logps=reference)
+    own = heldout_metrics(model, tokenizer, rows, SCORING)
+    got = heldout_metrics(model, tokenizer, rows, SCORING, reference_logps=reference)
     assert got["target_nll"] == pytest.approx(own["target_nll"])  # NLL ignores the reference
     assert got["reward_margin"] != 0.0
     policy = torch.tensor(own["logps"])
@@ -113,8 +110,7 @@ def test_heldout_metrics_move_with_another_reference(tiny, rows) -> None:
     assert got["en_reward_accuracy"] == (en > 0).double().mean().item()
     assert got["preference_accuracy"] == ((en > 0) & (tgt > 0)).double().mean().item()
     # the other model's own log-probs are the same numbers the reference helper computes
-    theirs = heldout_metrics(other, tokenizer, rows, template=TEMPLATE, max_length=MAX_LENGTH,
-                             beta=0.1)
+    theirs = heldout_metrics(other, tokenizer, rows, SCORING)
     assert torch.tensor(theirs["logps"]) == pytest.approx(ref, abs=1e-3)
 
 
@@ -212,14 +208,19 @@ def test_make_judge_serves_a_real_model(tiny_dir: Path) -> None:
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
 
 
-def test_heldout_reward_margin_scales_with_the_trials_beta(tiny_dir: Path, rows) -> None:
+def test_heldout_reward_margin_scales_with_the_trials_beta(tiny_dir: Path, rows,
+                                                           tmp_path: Path) -> None:
     """The held-out reward margin is measured at the beta it is given (the trial's effective
-    beta, tests/test_schedule.py): 0.5 gives five times the margin of 0.1, not the same."""
+    beta, tests/test_schedule.py): 0.5 gives five times the margin of 0.1 (the margin is beta
+    times a log-ratio difference), not the same, and not the beta-0.1 result from the cache
+    of the same model, rows and reference."""
     settings = EvalSettings("sw", _section(), TEMPLATE, MAX_LENGTH)
     base = evaluate_model(tiny_dir, rows, settings)
     # A reference that differs from the policy: chosen answers made likelier under it.
     reference = (torch.tensor(base["heldout_logps"]) + torch.tensor([1.0, 0.0, 0.5, 0.0])).tolist()
-    low = evaluate_model(tiny_dir, rows, replace(settings, beta=0.1), reference_logps=reference)
-    high = evaluate_model(tiny_dir, rows, replace(settings, beta=0.5), reference_logps=reference)
+    kwargs = {"reference_logps": reference, "cache_uri": str(tmp_path / "trial")}
+    low = evaluate_model(tiny_dir, rows, replace(settings, beta=0.1), **kwargs)
+    high = evaluate_model(tiny_dir, rows, replace(settings, beta=0.5), **kwargs)
     assert low["reward_margin"] < -1e-3  # the reference prefers the chosen answers
     assert high["reward_margin"] == pytest.approx(5 * low["reward_margin"], rel=1e-4)
+    assert high["target_nll"] == pytest.approx(low["target_nll"])  # beta scales rewards only

@@ -52,7 +52,7 @@ from clo_ray.eval.generate import (
     load_model,
     resolve_backend,
 )
-from clo_ray.eval.heldout import heldout_metrics
+from clo_ray.eval.heldout import HeldoutScoring, heldout_metrics
 from clo_ray.eval.judge import JudgeGenerate, JudgeResult, judge_pairwise, make_judge
 from clo_ray.eval.objective import objective
 from clo_ray.spec.evaluation import EvaluationSection
@@ -89,6 +89,11 @@ class EvalSettings:
     judge: JudgeGenerate | None = None
     batch_size: int = 8
     micro_batch: int = 4
+
+    @property
+    def scoring(self) -> HeldoutScoring:
+        """The held-out metrics' part of these settings."""
+        return HeldoutScoring(self.template, self.max_length, self.beta, self.micro_batch)
 
 
 def evaluate_model(model_dir: str | Path, eval_rows: pa.Table, settings: EvalSettings, *,
@@ -128,9 +133,8 @@ def evaluate_model(model_dir: str | Path, eval_rows: pa.Table, settings: EvalSet
     threshold = evaluation.langid_threshold
     target_fid = language_fidelity(target_answers, language, threshold=threshold)
     english_fid = language_fidelity(english_answers, "en", threshold=threshold)
-    held = heldout_metrics(model, tokenizer, eval_rows, template=template,
-                           max_length=settings.max_length, beta=settings.beta,
-                           reference_logps=reference_logps, micro_batch=settings.micro_batch)
+    held = heldout_metrics(model, tokenizer, eval_rows, settings.scoring,
+                           reference_logps=reference_logps)
     logps = held.pop("logps")
     del model, tokenizer
     gc.collect()

@@ -26,6 +26,7 @@ makes the accuracy 0 (no preference has been learnt yet), the margin 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -41,6 +42,22 @@ class HeldoutError(CloRayError, ValueError):
     """Reference log-probs that do not line up with the held-out rows."""
 
 
+@dataclass(frozen=True)
+class HeldoutScoring:
+    """How held-out pairs are encoded and scored: one value for every model of a trial, so a
+    trained model's log-probs line up with its base model's (the reference) and its reward
+    margin is on the trial's scale.
+
+    ``template`` / ``max_length``: the prompt encoding training used. ``beta``: the implicit
+    reward's scale (the trial's effective beta). ``micro_batch``: pairs per forward pass.
+    """
+
+    template: str
+    max_length: int
+    beta: float
+    micro_batch: int = 4
+
+
 def heldout_logps(model: Any, tokenizer: Any, eval_rows: pa.Table, *, template: str,
                   max_length: int, micro_batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response token counts, each [N, 4] float64 on CPU, in
@@ -53,10 +70,9 @@ def heldout_logps(model: Any, tokenizer: Any, eval_rows: pa.Table, *, template: 
                                   pad_id=tokenizer.pad_token_id)
 
 
-def heldout_metrics(model: Any, tokenizer: Any, eval_rows: pa.Table, *, template: str,
-                    max_length: int, beta: float,
-                    reference_logps: torch.Tensor | list[list[float]] | None = None,
-                    micro_batch: int = 4) -> dict[str, Any]:
+def heldout_metrics(model: Any, tokenizer: Any, eval_rows: pa.Table, scoring: HeldoutScoring, *,
+                    reference_logps: torch.Tensor | list[list[float]] | None = None
+                    ) -> dict[str, Any]:
     """Held-out NLLs, preference accuracy and reward margin (module docstring); also
     ``logps``: the policy's [N, 4] log-probs as nested lists, which serve as the reference of
     later trials when ``model`` is the base model.
@@ -65,8 +81,9 @@ def heldout_metrics(model: Any, tokenizer: Any, eval_rows: pa.Table, *, template
     """
     if eval_rows.num_rows == 0:
         raise HeldoutError("no held-out rows to evaluate on")
-    policy, counts = heldout_logps(model, tokenizer, eval_rows, template=template,
-                                   max_length=max_length, micro_batch=micro_batch)
+    policy, counts = heldout_logps(model, tokenizer, eval_rows, template=scoring.template,
+                                   max_length=scoring.max_length,
+                                   micro_batch=scoring.micro_batch)
     if reference_logps is None:
         reference = policy.clone()
     else:
@@ -76,7 +93,7 @@ def heldout_metrics(model: Any, tokenizer: Any, eval_rows: pa.Table, *, template
                                f"{policy.shape[0]} held-out rows need {tuple(policy.shape)}: "
                                f"compute it on the same rows, in the same order, with loss "
                                f"'clo' (4 sequences per pair)")
-    en, tgt = reward_margins(policy.T, reference.T, beta)
+    en, tgt = reward_margins(policy.T, reference.T, scoring.beta)
     return {
         "target_nll": _nll(policy[:, TGT_CHOSEN], counts[:, TGT_CHOSEN]),
         "english_nll": _nll(policy[:, EN_CHOSEN], counts[:, EN_CHOSEN]),

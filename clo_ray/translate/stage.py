@@ -109,8 +109,8 @@ def translate_corpus(spec: SweepSpec, *, corpus: Corpus | None = None,
     if todo:
         check_translator(spec, corpus, list(todo))
         probe_storage(root, options)
-        results.update(_translate(spec, corpus, todo, inputs, part_rows, call_log, started,
-                                  actor))
+        run = _TranslateRun(spec, corpus, todo, part_rows, call_log, actor)
+        results.update(_translate(run, inputs, started))
     return {lang: results[lang] for lang in languages}
 
 
@@ -126,10 +126,24 @@ def load_translations(spec: SweepSpec, languages: list[str] | None = None, *,
 # ---------------------------------------------------------------- passes
 
 
-def _translate(spec: SweepSpec, corpus: Corpus, caches: dict[str, TranslationCache],
-               inputs: dict[str, dict[str, Any]], part_rows: int, call_log: str | None,
-               started: float, actor: type | None) -> dict[str, TranslationResult]:
+@dataclass(frozen=True)
+class _TranslateRun:
+    """What every pass of one :func:`translate_corpus` call shares: the languages still to
+    translate (``caches``) and its options, so a pass takes only what differs between the
+    first pass and the retry (its rows and decoding)."""
+
+    spec: SweepSpec
+    corpus: Corpus
+    caches: dict[str, TranslationCache]
+    part_rows: int
+    call_log: str | None
+    actor: type | None
+
+
+def _translate(run: _TranslateRun, inputs: dict[str, dict[str, Any]],
+               started: float) -> dict[str, TranslationResult]:
     """The passes over what the cache lacks, then each language's outputs + manifest."""
+    spec, corpus, caches = run.spec, run.corpus, run.caches
     translator = spec.translator
     ids = corpus.table.column("id").to_pylist()
     decoding = Decoding.from_section(translator, spec.run.seed)
@@ -138,14 +152,13 @@ def _translate(spec: SweepSpec, corpus: Corpus, caches: dict[str, TranslationCac
     first = {lang: _part_ids(cache)[0] for lang, cache in caches.items()}
     work = [(lang, i) for lang in caches for i, row_id in enumerate(ids)
             if row_id not in first[lang]]
-    stats = _run_pass(spec, corpus, work, decoding, "first", caches, part_rows, call_log, actor)
+    stats = _run_pass(run, work, decoding, "first")
     if translator.quality.policy == "retry" and translator.backend != "parallel":
         todo = {lang: _part_ids(cache) for lang, cache in caches.items()}
         work = [(lang, i) for lang, (_, failed, retried) in todo.items()
                 for i, row_id in enumerate(ids) if row_id in failed - retried]
         retry = decoding.retry(beams=translator.backend != "vllm")
-        stats = stats.merge(_run_pass(spec, corpus, work, retry, "retry", caches, part_rows,
-                                      call_log, actor))
+        stats = stats.merge(_run_pass(run, work, retry, "retry"))
     results = {}
     for lang, cache in caches.items():
         result = cache.result(cache.finalize(ids, translator.quality.policy, inputs[lang]),
@@ -190,9 +203,8 @@ class _PassStats:
         return self
 
 
-def _run_pass(spec: SweepSpec, corpus: Corpus, work: list[tuple[str, int]],
-              decoding: Decoding, pass_name: str, caches: dict[str, TranslationCache],
-              part_rows: int, call_log: str | None, actor: type | None) -> _PassStats:
+def _run_pass(run: _TranslateRun, work: list[tuple[str, int]], decoding: Decoding,
+              pass_name: str) -> _PassStats:
     """Translate ``work`` ((language, corpus row) pairs) through one Ray Data pipeline,
     checking and writing rows as they complete."""
     stats = _PassStats()
@@ -204,8 +216,8 @@ def _run_pass(spec: SweepSpec, corpus: Corpus, work: list[tuple[str, int]],
     if not ray.is_initialized():  # joins RAY_ADDRESS's cluster when set, else starts one
         ray.init(include_dashboard=False)
 
-    translator = spec.translator
-    rows = _Rows(corpus, work, translator.backend == "parallel", translator.segment_max_chars)
+    translator, caches = run.spec.translator, run.caches
+    rows = _Rows(run.corpus, work, translator.backend == "parallel", translator.segment_max_chars)
     check = QualityConfig.from_section(translator.quality)
     pending = Counter(lang for lang, _ in work)
     buffers: dict[str, list[dict[str, Any]]] = {lang: [] for lang in pending}
@@ -219,7 +231,7 @@ def _run_pass(spec: SweepSpec, corpus: Corpus, work: list[tuple[str, int]],
         failed[lang] += bool(row["reasons"])
         stats.rows[pass_name, lang] += 1
         pending[lang] -= 1
-        if len(buffers[lang]) >= part_rows or not pending[lang]:
+        if len(buffers[lang]) >= run.part_rows or not pending[lang]:
             caches[lang].write_part(buffers[lang], pass_name)
             buffers[lang] = []
         if not pending[lang]:
@@ -237,7 +249,7 @@ def _run_pass(spec: SweepSpec, corpus: Corpus, work: list[tuple[str, int]],
         logger.info("translate (%s pass): %d rows, %d segments, backend %s, %d actor(s)",
                     pass_name, len(work), rows.jobs.num_rows, translator.backend,
                     translator.actors)
-        ds = _stage(ray.data.from_arrow(blocks), spec, list(pending), decoding, call_log, actor)
+        ds = _stage(ray.data.from_arrow(blocks), run, list(pending), decoding)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             stats.first_result = stats.first_result or time.perf_counter()
             for job, text, tokens in zip(batch.column("job").to_pylist(),
@@ -250,11 +262,11 @@ def _run_pass(spec: SweepSpec, corpus: Corpus, work: list[tuple[str, int]],
     return stats
 
 
-def _stage(ds: ray.data.Dataset, spec: SweepSpec, languages: list[str], decoding: Decoding,
-           call_log: str | None, actor: type | None) -> ray.data.Dataset:
+def _stage(ds: ray.data.Dataset, run: _TranslateRun, languages: list[str],
+           decoding: Decoding) -> ray.data.Dataset:
     """Job rows -> translations: the spec's backend, or the ``actor`` standing in for it."""
-    translator, source = spec.translator, spec.corpus.source_language
-    options = spec.run.storage_options
+    translator, source = run.spec.translator, run.spec.corpus.source_language
+    options, call_log, actor = run.spec.run.storage_options, run.call_log, run.actor
     if actor is None:
         return translator_stage(ds, translator, source=source, languages=languages,
                                 decoding=decoding, storage_options=options, call_log=call_log)
