@@ -126,7 +126,7 @@ def variant_a(path: Path, args: argparse.Namespace) -> dict:
     from clo_ray.data.pairs import prepare_pairs
     from clo_ray.ray_env import ray_runtime_env
     from clo_ray.spec.schema import load_spec
-    from clo_ray.train.trainer import read_history, run_training
+    from clo_ray.train.trainer import TrainRun, read_history, run_training
 
     storage = Path(tempfile.mkdtemp(prefix="bench-a-"))
     steps = args.warmup + args.steps
@@ -153,7 +153,8 @@ def variant_a(path: Path, args: argparse.Namespace) -> dict:
     ray.init(num_cpus=os.cpu_count(), runtime_env=ray_runtime_env())  # with its dashboard
     try:
         pairs = prepare_pairs(spec, {LANGUAGE: sample_rows(PAIRS + 1)}, [LANGUAGE], PAIRS)
-        result = run_training(spec, pairs, model=str(path), method="clo", run_name="bench")
+        result = run_training(spec, pairs, model=str(path), method="clo",
+                              run=TrainRun(name="bench"))
     finally:
         ray.shutdown()
     history = read_history(str(storage / "bench" / "train" / "bench" / "history.jsonl"))

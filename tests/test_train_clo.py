@@ -29,7 +29,7 @@ from clo_ray.models.selectors import select_parameters
 from clo_ray.ray_env import ray_runtime_env
 from clo_ray.spec.schema import load_spec
 from clo_ray.train.checkpoint import export_model, load_model, load_trained, read_manifest
-from clo_ray.train.trainer import read_history, run_training
+from clo_ray.train.trainer import TrainRun, read_history, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +68,8 @@ def train(storage: Path, zero_stage: int, name: str, *, max_failures: int = 0, s
     spec = spec_for(storage, zero_stage, max_failures=max_failures, stages=stages,
                     method=method)
     pairs = prepare_pairs(spec, {"sw": sample_translations("sw")}, ["sw"], BUDGET)
-    return run_training(spec, pairs, model=TINY, method=method, run_name=name,
-                        extra_config={"sample_log": str(storage / "samples" / name), **extra})
+    return run_training(spec, pairs, model=TINY, method=method, run=TrainRun(
+        name=name, extra={"sample_log": str(storage / "samples" / name), **extra}))
 
 
 def run_dir(storage: Path, name: str) -> Path:

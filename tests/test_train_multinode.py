@@ -9,7 +9,7 @@ from clo_ray.data.pairs import prepare_pairs
 from clo_ray.ray_env import ray_runtime_env
 from clo_ray.spec.schema import load_spec
 from clo_ray.train.checkpoint import read_manifest
-from clo_ray.train.trainer import run_training
+from clo_ray.train.trainer import TrainRun, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def test_two_workers_on_two_nodes(two_nodes, tmp_path):
     })
     pairs = prepare_pairs(spec, {"sw": sample_translations("sw")}, ["sw"], 8)
     result = run_training(spec, pairs, model="builtin:tiny-llama", method="clo",
-                          run_name="two-nodes")
+                          run=TrainRun(name="two-nodes"))
     assert result.metrics["step"] == 2
     assert read_manifest(result.checkpoint.path)["complete"]
 

@@ -18,7 +18,7 @@ from clo_ray.spec.schema import load_spec
 from clo_ray.train.batches import encode_examples
 from clo_ray.train.checkpoint import export_model
 from clo_ray.train.reference import compute_reference_logps
-from clo_ray.train.trainer import run_training
+from clo_ray.train.trainer import TrainRun, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def test_clo_raises_held_out_direction_accuracy(smollm2_cut, tmp_path):
     ray.init(num_cpus=4, runtime_env=ray_runtime_env())
     try:
         result = run_training(spec, pairs, model=str(smollm2_cut), method="clo",
-                              run_name="smol")
+                              run=TrainRun(name="smol"))
     finally:
         ray.shutdown()
     trained = held_out_logps(export_model(result.checkpoint.path, tmp_path / "export"),

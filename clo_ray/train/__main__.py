@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from clo_ray.ray_env import driver_runtime_env
     from clo_ray.spec.schema import load_spec
     from clo_ray.train.checkpoint import export_model
-    from clo_ray.train.trainer import run_training
+    from clo_ray.train.trainer import TrainRun, run_training
     from clo_ray.translate.stage import load_translations
 
     try:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         tables = load_translations(spec, list(args.language))
         pairs = prepare_pairs(spec, tables, args.language, args.budget)
         result = run_training(spec, pairs, model=args.model, method=args.method,
-                              overrides=overrides, run_name=args.run_name)
+                              overrides=overrides, run=TrainRun(name=args.run_name))
     except CloRayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,12 +15,12 @@ from typing import Any
 from clo_ray.errors import CloRayError
 from clo_ray.spec.training import ResourcesSection, StageSpec, TrainSection
 
-# Keys of run_training(extra_config=...): testing and time-boxing knobs of the loop.
+# Keys of run_training(run=TrainRun(extra=...)): testing and time-boxing knobs of the loop.
 EXTRA_KEYS = ("stop_after_steps", "sample_log", "step_sleep_s")
 
 
 class LoopConfigError(CloRayError, ValueError):
-    """``extra_config`` names a key the loop does not read."""
+    """``TrainRun.extra`` names a key the loop does not read."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,12 @@ class LoopConfig:
     step_sleep_s: float = 0.0
 
     def with_extra(self, extra: Mapping[str, Any] | None) -> LoopConfig:
-        """This config with ``run_training(extra_config=...)`` applied (see EXTRA_KEYS)."""
+        """This config with ``run_training(run=TrainRun(extra=...))`` applied (see EXTRA_KEYS)."""
         if not extra:
             return self
         unknown = sorted(set(extra) - set(EXTRA_KEYS))
         if unknown:
-            raise LoopConfigError(f"extra_config keys {unknown} are not loop settings; the "
+            raise LoopConfigError(f"TrainRun.extra keys {unknown} are not loop settings; the "
                                   f"loop reads {', '.join(EXTRA_KEYS)}")
         return replace(self, **dict(extra))
 

@@ -12,8 +12,8 @@ training and held-out pairs are in storage), builds the loop config, and fits a 
 whose workers run :func:`clo_ray.train.loop.train_loop_per_worker`.
 
 Ray 2.60 (Train V2) and Tune: a Tune function trainable calls ``run_training(...,
-callbacks=[ray.tune.integration.ray_train.TuneReportCallback()])``; the callback forwards
-every ``ray.train.report`` of the trainer to the trial. Re-running the same ``run_name``
+run=TrainRun(callbacks=[ray.tune.integration.ray_train.TuneReportCallback()]))``; the callback
+forwards every ``ray.train.report`` of the trainer to the trial. Re-running the same run name
 resumes from its last checkpoint (V2 restores a run from its storage folder).
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ray.train import UserCallback
@@ -168,27 +169,40 @@ def default_run_name(spec: SweepSpec, model: str, languages: Sequence[str], meth
     return safe_name(f"{label}-{'+'.join(languages)}-{method}-{budget}")
 
 
+@dataclass(frozen=True)
+class TrainRun:
+    """Where one training run is kept and what rides along with it: the knobs a caller sets
+    per run rather than per spec.
+
+    ``name``: the folder under ``storage_path`` (default ``<run>/train``); a run of that name
+    with a checkpoint is *resumed*, so trials of one cell with different overrides need their
+    own names (Tune: the trial id); ``None`` names one run per grid cell. ``callbacks``: extra
+    Ray Train RunConfig callbacks (Tune's ``TuneReportCallback``). ``extra``: loop keys such
+    as ``stop_after_steps`` (see :data:`clo_ray.train.loop_config.EXTRA_KEYS`).
+    """
+
+    name: str | None = None
+    storage_path: str | None = None
+    callbacks: Sequence[Any] = ()
+    extra: Mapping[str, Any] | None = None
+
+
 def run_training(spec: SweepSpec, pairs: PreparedPairs, *, model: str, method: str,
-                 overrides: Mapping[str, Any] | None = None, run_name: str | None = None,
-                 callbacks: Sequence[Any] = (), extra_config: Mapping[str, Any] | None = None,
-                 storage_path: str | None = None) -> Any:
+                 overrides: Mapping[str, Any] | None = None,
+                 run: TrainRun = TrainRun()) -> Any:
     """Train ``model`` with ``method`` on the prepared ``pairs``; the Ray Result.
 
     ``pairs``: the pairs stage's output (:func:`clo_ray.data.pairs.prepare_pairs`): the run
     reads its training pairs from storage, never the corpus. ``overrides``: search values
     (``lr``, ``beta``, ``schedule``, ...; see :func:`clo_ray.train.schedule.apply_overrides`).
-    ``callbacks``: extra Ray Train RunConfig callbacks (Tune's ``TuneReportCallback``).
-    ``extra_config``: loop keys such as ``stop_after_steps``. ``run_name``: the folder under
-    ``storage_path`` (default ``<run>/train``); a run of that name with a checkpoint is
-    *resumed*, so trials of one cell with different overrides need their own names (Tune:
-    the trial id); the default names one run per grid cell. Raises the run's error if it
-    failed after its retries.
+    ``run``: its name, storage, callbacks and loop extras (:class:`TrainRun`). Raises the
+    run's error if it failed after its retries.
     """
     stages = method_stages(spec, method, overrides)
-    config = loop_config(spec, model=model, stages=stages, pairs=pairs, extra=extra_config)
-    name = run_name or default_run_name(spec, model, pairs.languages, method, pairs.budget)
-    trainer = build_trainer(spec, config, run_name=name, callbacks=callbacks,
-                            storage_path=storage_path)
+    config = loop_config(spec, model=model, stages=stages, pairs=pairs, extra=run.extra)
+    name = run.name or default_run_name(spec, model, pairs.languages, method, pairs.budget)
+    trainer = build_trainer(spec, config, run_name=name, callbacks=run.callbacks,
+                            storage_path=run.storage_path)
     logger.info("training %s: %d pairs (%d held out), %d stage(s), %d worker(s)", name,
                 pairs.n_train, pairs.n_eval, len(stages), spec.resources.workers_per_trial)
     return trainer.fit()

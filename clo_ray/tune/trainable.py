@@ -40,15 +40,16 @@ def run_trial(config: dict[str, Any], spec_data: dict[str, Any],
 
     from clo_ray.eval.trial_eval import evaluation_task
     from clo_ray.train.schedule import preference_beta
-    from clo_ray.train.trainer import method_stages, run_training
+    from clo_ray.train.trainer import TrainRun, method_stages, run_training
 
     spec = load_spec(spec_data)
     cell, params = cell_of(config), config["params"]
     data, model = pairs[pairs_key(cell.language, cell.budget)], model_reference(spec, cell)
     started = time.perf_counter()
     result = run_training(spec, data, model=model, method=cell.method, overrides=params,
-                          run_name=trial_run_name(config), callbacks=[TuneReportCallback()],
-                          storage_path=RunLayout.of(spec).trials)
+                          run=TrainRun(name=trial_run_name(config),
+                                       storage_path=RunLayout.of(spec).trials,
+                                       callbacks=[TuneReportCallback()]))
     train_seconds = time.perf_counter() - started
     beta = preference_beta(method_stages(spec, cell.method, params))
     metrics = ray.get(evaluation_task(spec).remote(
