@@ -148,10 +148,22 @@ def read_spec_record(uri: str, options: StorageOptions = None) -> tuple[str | No
     """``(spec_hash, spec data)`` of a spec record; a bare spec (a user's own YAML) reads as
     ``(None, data)``."""
     with storage.open_input(uri, options) as fh:
-        data = yaml.safe_load(fh.read())
+        raw = fh.read()
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{uri}: not readable as YAML{where} "
+                        f"({getattr(err, 'problem', None) or err}): a damaged spec record; "
+                        "move it aside (the run's other files are kept) and re-run the sweep "
+                        "with its spec") from None
     if not isinstance(data, dict):
         raise SpecError(f"{uri}: not a spec (a YAML mapping of sections) nor a spec record "
                         "(spec_hash and spec); delete it or give the spec with --spec")
     if "spec" in data and "spec_hash" in data:
+        if not isinstance(data["spec"], dict) or not isinstance(data["spec_hash"], str):
+            raise SpecError(f"{uri}: a damaged spec record (spec_hash must be text and spec "
+                            "a mapping); move it aside and re-run the sweep with its spec")
         return data["spec_hash"], data["spec"]
     return None, data

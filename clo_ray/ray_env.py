@@ -75,9 +75,21 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def start_ray(runtime_env: dict[str, Any]) -> None:
-    """Join the cluster Ray would join (RAY_ADDRESS, as ``ray job submit`` sets, or the last
-    ``ray start`` on this host), else start a local one that knows its own dashboard.
+def ray_address(address: str | None = None) -> str:
+    """The cluster a driver joins: ``address`` (a CLI option), else RAY_ADDRESS (what
+    ``ray job submit`` sets), else ``"local"``: a Ray of its own.
+
+    Never Ray's own fallback, the last ``ray start`` on this host: a laptop sweep would silently
+    run its trials on whatever cluster another user or test left running.
+    """
+    import os
+
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def start_ray(runtime_env: dict[str, Any], address: str | None = None) -> str:
+    """Join the cluster :func:`ray_address` names, or start a local one that knows its own
+    dashboard; returns a line saying which (the sweep prints it).
 
     Under ``ray job submit`` our env vars are merged into the job's runtime env (its
     working_dir stays). A local Ray gets RAY_API_SERVER_ADDRESS: Ray Train's placement-group
@@ -85,21 +97,28 @@ def start_ray(runtime_env: dict[str, Any]) -> None:
     API, which without an address guesses, and with several Ray instances on the host picks
     the wrong one or fails: the CPUs stay reserved and later trials wait forever.
     """
-    import os
     import socket
 
     import ray
-    from ray._private.utils import read_ray_address
 
-    if os.environ.get("RAY_ADDRESS") or read_ray_address():
-        ray.init(runtime_env=runtime_env)
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}),
-                                       "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
-    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env)
+    target = ray_address(address)
+    if target != "local":
+        context = ray.init(address=target, runtime_env=runtime_env)
+        how = f"joined the Ray cluster at {target}"
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}),
+                                           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+        context = ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,
+                           runtime_env=env)
+        how = "started a local Ray cluster (set RAY_ADDRESS or --address to join another)"
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    have = ray.cluster_resources()
+    gcs = getattr(context, "address_info", {}).get("gcs_address", "?")
+    return (f"ray: {how}; gcs {gcs}, {len(nodes)} node(s), {have.get('CPU', 0):g} CPUs, "
+            f"{have.get('GPU', 0):g} GPUs")
 
 
 def keep_credentials_out_of_ray_logs() -> None:

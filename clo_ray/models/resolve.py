@@ -89,6 +89,62 @@ def resolve_model(
     return path
 
 
+def check_model_reference(ref: str, *, revision: str | None = None) -> None:
+    """Raise ModelResolutionError unless ``ref`` will resolve, without building or
+    downloading anything: a known built-in, a local folder with ``config.json``, or a hub id
+    whose ``config.json`` is in the local cache or, with the hub enabled, exists there.
+
+    The sweep calls this before Ray starts, so a typo costs a second, not a translation run.
+    """
+    if ref.startswith(BUILTIN_PREFIX):
+        _refuse_revision(ref, revision)
+        if ref[len(BUILTIN_PREFIX):] not in BUILTINS:
+            raise ModelResolutionError(f"unknown built-in model {ref!r}; {_ACCEPTED_FORMS}")
+    elif Path(ref).expanduser().exists() or _looks_like_path(ref):
+        _refuse_revision(ref, revision)
+        _resolve_local(ref)
+    elif _HUB_ID.match(ref):
+        _check_hub(ref, revision)
+    else:
+        raise ModelResolutionError(f"cannot resolve model {ref!r}: {_ACCEPTED_FORMS}")
+
+
+def _check_hub(ref: str, revision: str | None) -> None:
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    cache_dir = _hub_cache_dir()
+    if isinstance(try_to_load_from_cache(ref, "config.json", cache_dir=cache_dir,
+                                         revision=revision), str):
+        return
+    if _hub_offline():
+        raise ModelResolutionError(
+            f"model {ref!r}{f' (revision {revision})' if revision else ''} is not in the "
+            f"Hugging Face cache ({cache_dir or 'the default cache'}) and the hub is disabled "
+            f"(HF_HUB_OFFLINE). Fix: pre-download it (huggingface-cli download {ref}), give a "
+            f"local directory instead, or use a built-in "
+            f"({', '.join(BUILTIN_PREFIX + n for n in BUILTINS)})")
+    try:
+        HfApi().model_info(ref, revision=revision, timeout=20)
+    except GatedRepoError:
+        return  # exists; the download names the licence step if the token lacks access
+    except RepositoryNotFoundError as err:
+        raise ModelResolutionError(
+            f"model {ref!r} does not exist on the hub (or is private: log in with HF_TOKEN)"
+        ) from err
+    except RevisionNotFoundError as err:
+        raise ModelResolutionError(f"model {ref!r} has no revision {revision!r}") from err
+    except Exception as err:  # noqa: BLE001 - HfHubHTTPError, and the client's httpx errors
+        raise ModelResolutionError(
+            f"model {ref!r} is not in the Hugging Face cache and the hub is unreachable "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "pre-download it or set HF_HUB_OFFLINE=1 with a filled cache") from err
+
+
 _ACCEPTED_FORMS = (
     "accepted forms are builtin:NAME (one of "
     + ", ".join(BUILTIN_PREFIX + name for name in BUILTINS)

@@ -65,9 +65,11 @@ def problem(message: str, *, where: Any = (), allowed: Iterable[Any] | None = No
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, so a typo never silently does nothing."""
+    """Base of every section: unknown keys are errors, so a typo never silently does nothing;
+    numbers are finite (YAML's ``.inf`` / ``.nan`` would pass every ``gt=0`` bound and turn a
+    plan's cost or a trial's step count into nonsense)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def is_set(model: BaseModel, name: str) -> bool:

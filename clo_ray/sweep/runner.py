@@ -20,9 +20,11 @@ import logging
 from typing import Any
 
 from clo_ray import storage
-from clo_ray.errors import SpecError
+from clo_ray.errors import CloRayError, SpecError
 from clo_ray.layout import RunLayout
 from clo_ray.spec.schema import SweepSpec, check_corpus_size, spec_hash
+from clo_ray.sweep.outcome import SweepInterrupted, TuneOutcome, tune_outcome
+from clo_ray.sweep.preflight import check_capacity, check_models, cluster_shapes
 
 STAGES = ("translate", "pairs", "tune", "judge", "report")
 logger = logging.getLogger(__name__)
@@ -42,11 +44,28 @@ def claim_run(spec: SweepSpec) -> None:
             "sweep a new run.name, or delete that folder to start over")
 
 
-def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
+class TrialsFailed(CloRayError):
+    """Some trials of a finished sweep raised; results and report include them as failed."""
+
+    def __init__(self, outcome: TuneOutcome, grid: Any) -> None:
+        super().__init__(outcome.summary())
+        self.outcome, self.grid = outcome, grid
+
+
+def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None = None,
+              allow_failed_trials: bool = False, label: str | None = None) -> Any:
     """Run the sweep (or one stage); returns Tune's ResultGrid when the tune stage ran.
 
-    The driver loads the corpus once; the translate stage's tables feed the pairs stage, whose
-    locations every trial is handed (a trial never loads the corpus).
+    Before anything is written or started: every model reference resolves, the corpus loads
+    and fits the budgets; only then is the run folder claimed (a failed start leaves the run
+    name free), Ray joined or started (``address``, else RAY_ADDRESS, else a local Ray) and
+    one trial checked against what the cluster can ever hold. The driver loads the corpus
+    once; the translate stage's tables feed the pairs stage, whose locations every trial is
+    handed (a trial never loads the corpus).
+
+    Raises SweepInterrupted when the tune stage ended before all trials (nothing is reported:
+    re-run to resume), and TrialsFailed after the report when a trial raised, unless
+    ``allow_failed_trials``.
     """
     import ray
 
@@ -56,25 +75,31 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
     from clo_ray.report.build import ReportOptions, build_report
     from clo_ray.report.schema import load_results, results_table
     from clo_ray.translate.stage import load_translations, translate_corpus
-    from clo_ray.tune.tuner import build_tuner
+    from clo_ray.tune.tuner import build_tuner, planned_trials
 
-    claim_run(spec)
+    check_models(spec, label or spec.run.name)
     layout = RunLayout.of(spec)
     corpus = load_corpus(spec.corpus.path, spec.corpus.format,
                          source_language=spec.corpus.source_language,
                          max_rows=spec.corpus.max_rows, storage_options=layout.options)
     check_corpus_size(spec, len(corpus), spec.corpus.path)  # before anything expensive
+    claim_run(spec)
     if only in (None, "translate", "pairs", "tune") and not ray.is_initialized():
-        start_ray(driver_runtime_env())
+        print(start_ray(driver_runtime_env(), address), flush=True)
+    if only in (None, "tune"):
+        check_capacity(spec, *cluster_shapes())
     if only == "translate":
         translate_corpus(spec, corpus=corpus)
     pairs = None
     if only in (None, "pairs", "tune"):  # translate (cached) -> pairs (cached)
         pairs = prepare_sweep_pairs(spec, load_translations(spec, corpus=corpus))
         logger.info("pairs: %d data set(s) under %s", len(pairs), layout.pairs)
-    grid = None
+    grid, outcome = None, None
     if only in (None, "tune"):
         grid = build_tuner(spec, pairs=pairs).fit()
+        outcome = tune_outcome(grid, planned_trials(spec))
+        if outcome.interrupted:  # a partial experiment is not a result: no table, no report
+            raise SweepInterrupted(f"{outcome.summary()} under {layout.tune}")
         storage.write_parquet_atomic(layout.results, results_table(grid, spec), layout.options)
     if only in (None, "judge"):  # after tune: a trial's SFT opponent may finish after it
         from clo_ray.eval.judge_stage import run_judge_stage
@@ -84,4 +109,6 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None) -> Any:
         files = build_report(load_results(layout.results, layout.options), layout.uri,
                              ReportOptions.of(spec), layout.options)
         print(f"report: {files.markdown}")
+    if outcome is not None and outcome.failed and not allow_failed_trials:
+        raise TrialsFailed(outcome, grid)
     return grid

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from clo_ray.cli_args import positive_int, positive_number
 from clo_ray.errors import CloRayError
 
 
@@ -29,13 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--language", action="append", required=True,
                         help="target language code; repeat for multi-target training")
     parser.add_argument("--method", required=True, help="a method of the spec (clo, sft, ...)")
-    parser.add_argument("--budget", type=int, required=True, help="training pairs per language")
+    parser.add_argument("--budget", type=positive_int, required=True,
+                        help="training pairs per language")
     parser.add_argument("--run-name", help="Ray run name (default: model-langs-method-budget)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="search override, e.g. lr=1e-4, dpo.beta=0.2, schedule=NAME")
     parser.add_argument("--export", metavar="DIR", help="also export the merged model to DIR")
     parser.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
-    parser.add_argument("--num-cpus", type=float, help="CPUs of a local Ray (default: all)")
+    parser.add_argument("--num-cpus", type=positive_number,
+                        help="CPUs of a local Ray (default: all)")
     return parser.parse_args(argv)
 
 
@@ -63,20 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from clo_ray.data.pairs import prepare_pairs
-    from clo_ray.ray_env import driver_runtime_env
+    from clo_ray.ray_env import driver_runtime_env, ray_address
     from clo_ray.spec.schema import load_spec
     from clo_ray.train.checkpoint import export_model
-    from clo_ray.train.trainer import TrainRun, run_training
+    from clo_ray.train.trainer import TrainRun, method_stages, run_training
     from clo_ray.translate.stage import load_translations
 
     try:
         spec = load_spec(args.spec)
         overrides = parse_overrides(args.set)
+        method_stages(spec, args.method, overrides)  # bad --set values fail before Ray starts
     except CloRayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus,
+        address = ray_address(args.address)
+        ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None,
                  runtime_env=driver_runtime_env())
     try:
         tables = load_translations(spec, list(args.language))

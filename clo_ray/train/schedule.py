@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from clo_ray.errors import CloRayError
 from clo_ray.models.selectors import select_parameters
@@ -80,8 +81,13 @@ def apply_overrides(stages: Sequence[StageSpec], overrides: Mapping[str, Any]) -
         if not touched:
             raise ScheduleError(f"override {key}={value!r} applies to no stage of the schedule "
                                 f"(losses {[s.loss for s in updated]})")
-        for stage in touched:
-            _set(stage, field, value)
+        try:
+            for stage in touched:
+                _set(stage, field, value)
+                StageSpec.model_validate(stage.model_dump(by_alias=True))
+        except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError
+            reason = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
+            raise ScheduleError(f"override {key}={value!r}: {reason}") from None
     return [StageSpec.model_validate(s.model_dump(by_alias=True)) for s in updated]
 
 

@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from clo_ray.cli_args import positive_int
 from clo_ray.errors import CloRayError
 
 
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Translate a sweep's corpus into its target languages (cached).")
     parser.add_argument("spec", help="the sweep spec, e.g. sweeps/smoke.yaml")
     parser.add_argument("--languages", help="comma-separated subset of the spec's languages")
-    parser.add_argument("--part-rows", type=int, default=DEFAULT_PART_ROWS, metavar="N",
+    parser.add_argument("--part-rows", type=positive_int, default=DEFAULT_PART_ROWS, metavar="N",
                         help="finished rows per part file: what an interrupted run keeps "
                              f"(default {DEFAULT_PART_ROWS})")
     parser.add_argument("--quiet", action="store_true", help="only warnings and the summary")

@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from clo_ray.data.corpus import Corpus, load_corpus
 from clo_ray.layout import RunLayout
+from clo_ray.ray_env import ray_address
 from clo_ray.translate.backends import (
     FIELDS,
     translator_stage,
@@ -214,7 +215,7 @@ def _run_pass(run: _TranslateRun, work: list[tuple[str, int]], decoding: Decodin
     import ray.data
 
     if not ray.is_initialized():  # joins RAY_ADDRESS's cluster when set, else starts one
-        ray.init(include_dashboard=False)
+        ray.init(address=ray_address(), include_dashboard=False)
 
     translator, caches = run.spec.translator, run.caches
     rows = _Rows(run.corpus, work, translator.backend == "parallel", translator.segment_max_chars)

@@ -51,6 +51,11 @@ def concurrent_trials(spec: SweepSpec) -> int:
     return max(1, int(min(fits)))
 
 
+def planned_trials(spec: SweepSpec) -> int:
+    """Trials the experiment runs in all: ``trials_per_cell`` for every grid cell."""
+    return len(grid_cells(spec)) * spec.search.trials_per_cell
+
+
 def build_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = None,
                 restore: bool = True) -> Any:
     """The sweep's ``ray.tune.Tuner``; restored (finished trials kept) when it exists.
@@ -89,7 +94,7 @@ def build_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = 
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler,
-            num_samples=len(grid_cells(spec)) * spec.search.trials_per_cell,
+            num_samples=planned_trials(spec),
             max_concurrent_trials=concurrent_trials(spec)),
         run_config=tune.RunConfig(name=name, storage_path=parent,
                                   storage_filesystem=filesystem, verbose=1))
