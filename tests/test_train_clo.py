@@ -172,6 +172,15 @@ def test_resume_is_equivalent_to_a_straight_run(straight, storage, zero):
         torch.testing.assert_close(resumed[key], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_folder_refuses_another_configuration(straight, storage):
+    """A trial name re-used by another configuration (here: another lr) must not "resume"
+    the finished weights of the first (0 steps trained, reported complete): it fails, naming
+    the checkpoint."""
+    changed = [{**CLO[0], "lr": 2e-3}]
+    with pytest.raises(Exception, match="trained with another configuration"):
+        train(storage, 2, "straight-z2", stages=changed)
+
+
 def _kill_a_worker_after_first_checkpoint(folder: Path, timeout: float = 300) -> int:
     """Wait for the run's first registered checkpoint, then SIGKILL one RayTrainWorker.
 

@@ -112,3 +112,32 @@ def test_failed_or_metricless_trials_are_not_learned_from():
         study = searcher._studies.get(cell.key)
         if study:
             assert all(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
+
+
+def test_a_restored_searcher_continues_the_same_sequence(tmp_path):
+    """Driver killed with one trial finished and one live: after restore the live trial is not
+    suggested again, its result still reaches its study, and the next suggestions are the
+    ones an uninterrupted searcher makes (each cell's k-th draw is seeded by (seed, cell, k))."""
+    spec = tiny_spec(sampler="random")
+
+    def searcher() -> CellSearcher:
+        return CellSearcher(spec, metrics=["objective"], modes=["max"], study_prefix="t")
+
+    straight = searcher()
+    uninterrupted = [straight.suggest(f"u{i}") for i in range(6)]
+    first = searcher()
+    assert first.suggest("a") == uninterrupted[0]
+    first.on_trial_complete("a", {"objective": 1.0})
+    assert first.suggest("b") == uninterrupted[1]  # live when the driver dies
+    path = tmp_path / STATE_FILE
+    first.save(str(path))
+    again = searcher()
+    again.restore(str(path))
+    again.on_trial_complete("b", {"objective": 2.0})  # Tune re-ran it under its own id
+    assert [again.suggest(f"n{i}") for i in range(4)] == uninterrupted[2:]
+    assert again.suggest("n5") is CellSearcher.FINISHED
+    cell = cell_of(uninterrupted[1])
+    study = again._studies[cell.key]
+    values = sorted(t.values[0] for t in study.trials if t.state.is_finished() and t.values)
+    assert 2.0 in values
+    assert sorted(c["cell_trial"] for c in uninterrupted if cell_of(c) == cell) == [1, 2, 3]

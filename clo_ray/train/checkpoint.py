@@ -255,6 +255,7 @@ def save_checkpoint(directory: Path, engine: Any, run: RunState, at: StagePositi
     position = done * config.train.batch_pairs
     write_manifest(directory, {
         "base_model": config.model,
+        "training_fingerprint": config.training_fingerprint(),
         "stage": index,
         "step": done,
         "stage_steps": totals[index],
@@ -303,6 +304,13 @@ def resume_point(checkpoint: Any, config: LoopConfig, totals: list[int], world: 
             [s["steps"] for s in manifest["stages"]] != totals[:len(manifest["stages"])]:
         raise CheckpointError(f"checkpoint {checkpoint.path} is of other data or another "
                               "schedule; use a new run name")
+    recorded = manifest.get("training_fingerprint")  # absent in checkpoints before 2026-12
+    if recorded is not None and recorded != config.training_fingerprint():
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} was trained with another configuration (model, "
+            f"schedule values, train section or seed: fingerprint {recorded}, this run "
+            f"{config.training_fingerprint()}); a run folder belongs to one configuration: "
+            "use a new run name")
     index, done = manifest["stage"], manifest["step"]
     if manifest["optimizer"] and manifest["world_size"] != world and manifest["zero_stage"]:
         raise CheckpointError(f"checkpoint {checkpoint.path} holds ZeRO optimizer "

@@ -8,6 +8,8 @@ not a silent ``KeyError`` on a worker minutes into a run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -45,6 +47,18 @@ class LoopConfig:
     stop_after_steps: int | None = None
     sample_log: str | None = None
     step_sleep_s: float = 0.0
+
+    def training_fingerprint(self) -> str:
+        """What the trained weights depend on besides the data (model, stages with their
+        searched values, train section, seed), hashed: a checkpoint records it, so a run
+        folder resumed by another configuration (a re-used trial name) fails instead of
+        "resuming" someone else's weights."""
+        blob = json.dumps({"model": self.model, "seed": self.seed,
+                           "stages": [s.model_dump(mode="json", by_alias=True)
+                                      for s in self.stages],
+                           "train": self.train.model_dump(mode="json")},
+                          sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def with_extra(self, extra: Mapping[str, Any] | None) -> LoopConfig:
         """This config with ``run_training(run=TrainRun(extra=...))`` applied (see EXTRA_KEYS)."""

@@ -7,12 +7,23 @@ yet all trials of all cells should run concurrently on the cluster. :class:`Cell
 Tune ``Searcher`` that routes every suggestion and every result to its cell's own study.
 
 Its state is plain JSON (finished trials per cell, replayed into fresh studies on restore), so
-resuming an experiment loads no pickled Optuna objects. With ``storage_url`` (sqlite or an RDB)
-every cell's study is also written there, named ``<run>/<cell>``, for optuna-dashboard.
+resuming an experiment loads no pickled Optuna objects.
+
+A resumed sweep is the same sweep. Tune saves the searcher's state with the experiment's (one
+snapshot) and re-runs the trials that were live with their own configs, so the state keeps
+the live trials too: none is suggested again, each (cell, trial index) exists once. And the
+k-th trial of a cell draws from a sampler seeded by (run seed, cell, k), not from one RNG
+stream that a restart would rewind: with the random sampler (and TPE's random startup
+trials) the set of (cell, index, params) is exactly an uninterrupted run's. After its startup
+trials TPE also depends on which results were in when it was asked, as in any concurrent run.
+
+With ``storage_url`` (sqlite or an RDB) every cell's study is also written there, named
+``<run>/<cell>``, for optuna-dashboard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -91,9 +102,11 @@ class CellSearcher(Searcher):
         self.metrics, self.modes = list(metrics), list(modes)
         self.sampler_name, self.seed = spec.search.sampler, spec.run.seed
         self.storage_url, self.study_prefix = spec.search.optuna_storage, study_prefix
+        self.by_key = {c.key: c for c in self.cells}
         self.started: dict[str, int] = {c.key: 0 for c in self.cells}
         self.finished: dict[str, list[dict[str, Any]]] = {c.key: [] for c in self.cells}
-        self.live: dict[str, tuple[str, int, dict[str, Any]]] = {}  # trial id -> cell, number
+        # trial id -> {"cell", "index" (1-based in the cell), "params" (Optuna's), "number"}
+        self.live: dict[str, dict[str, Any]] = {}
         self._studies: dict[str, optuna.Study] = {}
 
     # ---------------------------------------------------------------- Tune's Searcher API
@@ -107,30 +120,35 @@ class CellSearcher(Searcher):
         if not open_cells:
             return Searcher.FINISHED
         cell = min(open_cells, key=lambda c: self.started[c.key])  # fill cells evenly
-        trial = self._study(cell).ask(self.spaces[cell.key])
+        index = self.started[cell.key] + 1
+        study = self._study(cell)
+        study.sampler = self._sampler(cell, index)
+        trial = study.ask(self.spaces[cell.key])
         params = {k: self._decode(k, v) for k, v in trial.params.items()}
-        self.started[cell.key] += 1
-        self.live[trial_id] = (cell.key, trial.number, trial.params)
-        return {"cell": cell._asdict(), "params": params, "cell_trial": self.started[cell.key]}
+        self.started[cell.key] = index
+        self.live[trial_id] = {"cell": cell.key, "index": index, "params": trial.params,
+                               "number": trial.number}
+        return {"cell": cell._asdict(), "params": params, "cell_trial": index}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         if trial_id not in self.live:
             return
-        key, number, raw = self.live.pop(trial_id)
+        study = self._study(self.by_key[self.live[trial_id]["cell"]])  # before the pop: a
+        live = self.live.pop(trial_id)  # rebuilt study re-creates the live trials it holds
+        key, raw = live["cell"], live["params"]
         values = None
         if not error and result is not None and all(
                 isinstance(result.get(m), (int, float)) for m in self.metrics):
             values = [float(result[m]) for m in self.metrics]
-        study = self._studies[key]
         state = optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.FAIL
-        study.tell(number, values if values else None, state=state)
-        self.finished[key].append({"params": raw, "values": values})
+        study.tell(live["number"], values if values else None, state=state)
+        self.finished[key].append({"params": raw, "values": values, "index": live["index"]})
 
     # ----------------------------------------------------------------- state (JSON only)
 
     def save(self, checkpoint_path: str) -> None:
-        state = {"started": self.started, "finished": self.finished}
+        state = {"started": self.started, "finished": self.finished, "live": self.live}
         tmp = f"{checkpoint_path}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(state, fh)
@@ -140,9 +158,13 @@ class CellSearcher(Searcher):
         with open(checkpoint_path, encoding="utf-8") as fh:
             state = json.load(fh)
         self.finished = {c.key: state["finished"].get(c.key, []) for c in self.cells}
-        # Trials that were running when the driver died are re-suggested (Tune re-runs them).
-        self.started = {c.key: len(self.finished[c.key]) for c in self.cells}
-        self.live, self._studies = {}, {}
+        # Trials live at the snapshot are re-run by Tune with their own configs (never
+        # suggested again); their study trials are re-created when the study is rebuilt.
+        self.live = {tid: live for tid, live in state.get("live", {}).items()
+                     if live["cell"] in self.by_key}
+        self.started = {c.key: max(state.get("started", {}).get(c.key, 0),
+                                   len(self.finished[c.key])) for c in self.cells}
+        self._studies = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -159,16 +181,21 @@ class CellSearcher(Searcher):
         choices = self.choices.get(key)
         return _decode(value, choices) if choices else value
 
+    def _sampler(self, cell: Cell, index: int) -> optuna.samplers.BaseSampler:
+        """The sampler of the cell's ``index``-th trial: seeded by (run seed, cell, index), so
+        a trial's draw does not depend on how many draws came before it in this process."""
+        digest = hashlib.sha256(f"{self.seed}/{cell.key}/{index}".encode()).digest()
+        seed = int.from_bytes(digest[:4], "big")
+        return (optuna.samplers.TPESampler(seed=seed) if self.sampler_name == "tpe"
+                else optuna.samplers.RandomSampler(seed=seed))
+
     def _study(self, cell: Cell) -> optuna.Study:
         if cell.key not in self._studies:
             directions = ["maximize" if m == "max" else "minimize" for m in self.modes]
-            index = self.cells.index(cell)
-            sampler = (optuna.samplers.TPESampler(seed=self.seed + index)
-                       if self.sampler_name == "tpe"
-                       else optuna.samplers.RandomSampler(seed=self.seed + index))
             study = optuna.create_study(
-                storage=self.storage_url, sampler=sampler, directions=directions,
-                study_name=f"{self.study_prefix}/{cell.key}", load_if_exists=True)
+                storage=self.storage_url, sampler=self._sampler(cell, 0),
+                directions=directions, study_name=f"{self.study_prefix}/{cell.key}",
+                load_if_exists=True)
             if not study.trials:  # replay what a restored searcher had learned
                 for done in self.finished[cell.key]:
                     study.add_trial(optuna.trial.create_trial(
@@ -176,6 +203,10 @@ class CellSearcher(Searcher):
                         values=done["values"],
                         state=(optuna.trial.TrialState.COMPLETE if done["values"]
                                else optuna.trial.TrialState.FAIL)))
+                for live in self.live.values():  # restored live trials run again: same params
+                    if live["cell"] == cell.key:
+                        study.enqueue_trial(live["params"])
+                        live["number"] = study.ask(self.spaces[cell.key]).number
             self._studies[cell.key] = study
         return self._studies[cell.key]
 
