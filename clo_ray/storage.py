@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
-import logging
 import os
 import posixpath
 import uuid
@@ -135,21 +133,6 @@ def open_input(uri: str, storage_options: StorageOptions = None) -> pa.NativeFil
     """
     fs, path = resolve(uri, storage_options)
     return fs.open_input_file(path)
-
-
-def read_fingerprinted(uri: str, fingerprint: str,
-                       storage_options: StorageOptions = None) -> dict[str, Any] | None:
-    """The ``result`` of a ``{"fingerprint", "result"}`` JSON cache record at ``uri``; None
-    when it is missing or was made from other inputs (then the caller recomputes)."""
-    if not exists(uri, storage_options):
-        return None
-    with open_input(uri, storage_options) as handle:
-        record = json.loads(handle.read().decode("utf-8"))
-    if record.get("fingerprint") != fingerprint:
-        logging.getLogger(__name__).warning("cache %s was made with other inputs: recomputing",
-                                            uri)
-        return None
-    return record["result"]
 
 
 def write_bytes_atomic(uri: str, data: bytes, storage_options: StorageOptions = None) -> None:

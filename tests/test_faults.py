@@ -55,7 +55,7 @@ def parquet_files(folder: Path) -> list[Path]:
 
 def hidden_files(folder: Path) -> list[Path]:
     """Temp files of the atomic writes (".<name>.tmp-<hex>"): none may outlive a failure."""
-    return [p for p in folder.rglob(".*") if p.is_file()]
+    return [p for p in folder.rglob(".*") if p.is_file() and ".tmp-" in p.name]
 
 
 # ---------------------------------------------------------------- 1. a node removed mid-trial

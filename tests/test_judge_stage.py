@@ -100,7 +100,8 @@ def sweep(tmp_path_factory) -> dict:
 
 
 def _cache_files(spec: SweepSpec) -> list[Path]:
-    return sorted(Path(spec.run.storage, "cache", "judge").glob("*.json"))
+    return sorted(p for p in Path(spec.run.storage, "cache", "judge").glob("*.json")
+                  if not p.name.startswith("."))  # not the checksum sidecars
 
 
 def _by_trial(uri: str) -> dict[str, dict]:

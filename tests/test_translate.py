@@ -83,9 +83,9 @@ def test_parallel_backend_end_to_end_then_cache_hit(ray_session, tmp_path, trans
                            **dict.fromkeys(REASONS, 0)}]
         folder = Path(result.uri)
         assert folder.parent == tmp_path / "store" / "cache" / "translations"
+        outputs = {"translations.parquet", "rejects.parquet", "report.parquet", "manifest.json"}
         assert {p.name for p in folder.iterdir()} == {
-            "key.json", "parts", "translations.parquet", "rejects.parquet", "report.parquet",
-            "manifest.json"}
+            "key.json", "parts", *outputs, *(f".{name}.check.json" for name in outputs)}
         assert len(list((folder / "parts").glob("part-first-*.parquet"))) == 4  # 8+8+8+6
         assert json.loads((folder / "manifest.json").read_text())["rows"] == 30
     assert {c["backend"] for c in calls(log)} == {"parallel"}
@@ -199,7 +199,7 @@ def test_unknown_language_and_unreadable_or_unwritable_storage(tmp_path):
     key = translation_key(preflight.key_inputs(spec, corpus, "sw", identity))
     manifest = tmp_path / "store" / "cache" / "translations" / key / "manifest.json"
     manifest.parent.mkdir(parents=True)
-    manifest.write_text("{not json")
+    manifest.mkdir()  # unreadable as a file: a storage problem, not a damaged entry
     with pytest.raises(StorageError, match=f"cannot read the translation cache's {manifest}"):
         translate_corpus(spec, corpus=corpus)
     blocker = tmp_path / "a-file"
@@ -266,3 +266,49 @@ def test_resume_after_a_killed_run_translates_only_what_is_missing(tmp_path):
     assert translated_now == set(corpus_ids.to_pylist()) - kept
     final = pq.read_table(folder / "translations.parquet").column("id").to_pylist()
     assert final == corpus_ids.to_pylist()  # every row once, in corpus order
+
+
+# ---------------------------------------------------------------- damaged cache files
+
+
+def test_damaged_translation_files_are_set_aside_and_rebuilt(ray_session, tmp_path):
+    """Truncate a part, an output and the manifest: the re-run names and moves each aside,
+    translates only the rows of the damaged part again, and writes the same outputs."""
+    spec = make_spec(tmp_path / "store")
+    corpus = load_corpus("builtin:parallel-sample", max_rows=24)
+    [result] = translate_corpus(spec, corpus=corpus, part_rows=8).values()
+    folder, before = Path(result.uri), read_table(result.translations).to_pylist()
+    parts = sorted((folder / "parts").glob("part-*.parquet"))
+    assert len(parts) == 3
+    for path in (parts[1], folder / "translations.parquet"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    log = tmp_path / "calls.jsonl"
+    [again] = translate_corpus(spec, corpus=corpus, part_rows=8, call_log=str(log)).values()
+    translated = {i for c in calls(log) for i in c["ids"]}
+    assert len(translated) == 8  # the damaged part's rows, nothing else
+    assert read_table(again.translations).to_pylist() == before
+    aside = sorted(p.name.split(".corrupt-")[0] for p in folder.rglob("*.corrupt-*"))
+    assert aside == ["manifest.json", parts[1].name, "translations.parquet"]
+
+    (folder / "manifest.json").write_text("{not json")  # a damaged manifest alone
+    log.unlink()
+    [third] = translate_corpus(spec, corpus=corpus, part_rows=8, call_log=str(log)).values()
+    assert not log.exists() or not calls(log)  # rebuilt from the parts: nothing translated
+    assert read_table(third.translations).to_pylist() == before
+    assert json.loads((folder / "manifest.json").read_text())["rows"] == 24
+
+
+def test_a_damaged_output_read_directly_names_the_fix(ray_session, tmp_path):
+    from clo_ray.checked import CorruptFileError
+
+    spec = make_spec(tmp_path / "store")
+    corpus = load_corpus("builtin:parallel-sample", max_rows=8)
+    [result] = translate_corpus(spec, corpus=corpus).values()
+    path = Path(result.translations)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, other checksum
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="checksum differs") as info:
+        read_table(result.translations)
+    assert str(path) in str(info.value) and "python -m clo_ray.translate" in str(info.value)

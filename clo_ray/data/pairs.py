@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clo_ray import storage
+from clo_ray import checked, storage
 from clo_ray.errors import CloRayError
 from clo_ray.layout import RunLayout
 
@@ -158,12 +158,27 @@ def prepare_pairs(spec: SweepSpec, tables: Mapping[str, pa.Table], languages: Se
     train_uri = storage.join(layout.pairs, f"{fingerprint}.train.parquet")
     eval_uri = storage.join(layout.pairs, f"{pairs_fingerprint(split.eval)}.eval.parquet")
     for uri, table in ((train_uri, split.train), (eval_uri, split.eval)):
-        if not storage.exists(uri, layout.options):
-            storage.write_parquet_atomic(uri, table, layout.options)
+        if storage.exists(uri, layout.options):
+            try:
+                checked.read_parquet(uri, layout.options)
+                continue
+            except checked.CorruptFileError:
+                checked.set_aside(uri, layout.options)  # and written again below
+        checked.write_parquet(uri, table, layout.options)
     label = "+".join(str(budgets[lang]) for lang in languages) \
         if isinstance(budget, Mapping) else str(budget)
     return PreparedPairs(train_uri, eval_uri, fingerprint, split.train.num_rows,
                          split.eval.num_rows, tuple(languages), label)
+
+
+def read_pairs(uri: str, storage_options: storage.StorageOptions = None) -> pa.Table:
+    """A pairs file the pairs stage wrote (training or held-out), verified."""
+    try:
+        return checked.read_parquet(uri, storage_options)
+    except checked.CorruptFileError as bad:
+        raise checked.CorruptFileError(
+            uri, bad.reason, "re-run the sweep: its pairs stage moves the file aside and "
+            "writes it again from the cached translations") from None
 
 
 def pairs_key(language: str, budget: int) -> str:

@@ -43,7 +43,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clo_ray import storage
+from clo_ray import checked, storage
 from clo_ray.errors import CloRayError
 from clo_ray.eval.fidelity import language_fidelity
 from clo_ray.eval.generate import (
@@ -292,22 +292,24 @@ def _write_cache(uri: str, fingerprint: str, result: Mapping[str, Any], prompts:
                       "prompt_en": prompts.column("prompt_en"),
                       "answer_target": pa.array(answers["target"], pa.string()),
                       "answer_english": pa.array(answers["english"], pa.string())})
-    storage.write_parquet_atomic(storage.join(uri, ANSWERS_FILE), table, storage_options)
-    record = {"fingerprint": fingerprint,
-              "result": {k: v for k, v in result.items() if k != "answers"}}
-    storage.write_bytes_atomic(storage.join(uri, METRICS_FILE),
-                               json.dumps(record, ensure_ascii=False).encode("utf-8"),
-                               storage_options)
+    checked.write_parquet(storage.join(uri, ANSWERS_FILE), table, storage_options)
+    checked.write_fingerprinted(storage.join(uri, METRICS_FILE), fingerprint,
+                                {k: v for k, v in result.items() if k != "answers"},
+                                storage_options)
 
 
 def _read_cache(uri: str, fingerprint: str,
                 storage_options: StorageOptions) -> dict[str, Any] | None:
-    result = storage.read_fingerprinted(storage.join(uri, METRICS_FILE), fingerprint,
+    result = checked.read_fingerprinted(storage.join(uri, METRICS_FILE), fingerprint,
                                         storage_options)
     if result is None:
         return None
-    with storage.open_input(storage.join(uri, ANSWERS_FILE), storage_options) as handle:
-        table = pq.read_table(handle)
+    try:
+        table = checked.read_parquet(storage.join(uri, ANSWERS_FILE), storage_options)
+    except (checked.CorruptFileError, FileNotFoundError) as bad:
+        if isinstance(bad, checked.CorruptFileError):
+            checked.set_aside(bad.uri, storage_options)
+        return None  # metrics without their answers: evaluate again
     answers = {"ids": table.column("id").to_pylist(),
                "target": table.column("answer_target").to_pylist(),
                "english": table.column("answer_english").to_pylist()}

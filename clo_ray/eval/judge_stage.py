@@ -38,7 +38,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from clo_ray import storage
+from clo_ray import checked, storage
 from clo_ray.errors import CloRayError
 from clo_ray.eval.evaluate import linked_base, load_answers, objective_or_none
 from clo_ray.eval.judge import JUDGE_PROMPT, JudgeGenerate, JudgeResult, judge_pairwise
@@ -105,7 +105,7 @@ def run_judge_stage(spec: SweepSpec, *, results_uri: str | None = None,
                 row["objective"] = objective_or_none(row, weights)
     schema = _schema(loaded.schema, rows)
     table = validate_results(pa.Table.from_pylist(rows, schema=schema), results_uri)
-    storage.write_parquet_atomic(results_uri, table, options)
+    checked.write_parquet(results_uri, table, options)
     logger.info("judge stage: %d pairs, %d judged now, %d from the cache, %d trials skipped",
                 len(summary.pairs), summary.judged, summary.cached, len(summary.skipped))
     return summary
@@ -214,10 +214,12 @@ def _judge_pair(spec: SweepSpec, row: Mapping[str, Any], opponent: Mapping[str, 
     key = _cache_key(section.model or "", section.max_new_tokens, mine, theirs)
     cache = RunLayout.of(spec).judge_verdict(key)
     if storage.exists(cache, options):
-        with storage.open_input(cache, options) as handle:
-            hit = json.loads(handle.read().decode("utf-8"))
-        summary.cached += 1
-        return {side: JudgeResult(**hit[side]["result"]) for side in SIDES}
+        try:
+            hit = checked.read_json(cache, options)
+            summary.cached += 1
+            return {side: JudgeResult(**hit[side]["result"]) for side in SIDES}
+        except (checked.CorruptFileError, KeyError, TypeError):
+            checked.set_aside(cache, options)  # judged again below
     record: dict[str, Any] = {"judge": section.model, "trial": row["trial_id"],
                               "opponent": label}
     results: dict[str, JudgeResult] = {}
@@ -233,8 +235,7 @@ def _judge_pair(spec: SweepSpec, row: Mapping[str, Any], opponent: Mapping[str, 
                                        mine.column(answer_col).to_pylist(),
                                        theirs.column(answer_col).to_pylist())
         record[side] = {"result": asdict(results[side]), "replies": replies}
-    storage.write_bytes_atomic(cache, json.dumps(record, ensure_ascii=False).encode("utf-8"),
-                               options)
+    checked.write_json(cache, record, options)
     summary.judged += 1
     return results
 

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clo_ray import storage
+from clo_ray import checked, storage
 from clo_ray.errors import CloRayError
 from clo_ray.spec.evaluation import LmEvalSection
 from clo_ray.storage import StorageOptions
@@ -109,10 +109,8 @@ def run_lm_eval(model_dir: str | Path, section: LmEvalSection, *,
                 {k: round(v, 4) for k, v in result.metrics.items() if k.count(".") == 1},
                 result.seconds)
     if cache_uri is not None:
-        record = {"fingerprint": fingerprint, "result": asdict(result)}
-        storage.write_bytes_atomic(storage.join(cache_uri, LM_EVAL_FILE),
-                                   json.dumps(record, sort_keys=True).encode("utf-8"),
-                                   storage_options)
+        checked.write_fingerprinted(storage.join(cache_uri, LM_EVAL_FILE), fingerprint,
+                                    asdict(result), storage_options)
     return result
 
 
@@ -229,6 +227,6 @@ def _fingerprint(model_key: str, section: LmEvalSection) -> str:
 
 def _read_cache(uri: str, fingerprint: str,
                 storage_options: StorageOptions) -> LmEvalResult | None:
-    result = storage.read_fingerprinted(storage.join(uri, LM_EVAL_FILE), fingerprint,
+    result = checked.read_fingerprinted(storage.join(uri, LM_EVAL_FILE), fingerprint,
                                         storage_options)
     return None if result is None else LmEvalResult(**result)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from clo_ray import storage
+from clo_ray.data.pairs import read_pairs
 from clo_ray.layout import RunLayout
 from clo_ray.ray_env import trial_resources, worker_env
 from clo_ray.report.schema import BASE_METRICS
@@ -72,8 +70,7 @@ def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, 
     from clo_ray.train.checkpoint import export_model
 
     options = spec.run.storage_options or None
-    with storage.open_input(eval_uri, options) as fh:
-        rows = pq.read_table(fh)
+    rows = read_pairs(eval_uri, options)
     settings = EvalSettings(language=language, evaluation=spec.evaluation,
                             template=spec.train.prompt_template,
                             max_length=spec.train.max_length, beta=beta,

@@ -42,9 +42,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from clo_ray import storage
+from clo_ray import checked, storage
 from clo_ray.errors import CloRayError
 from clo_ray.layout import RESULTS_FILE
 from clo_ray.spec.grid import cell_of
@@ -133,8 +132,14 @@ def load_results(uri: str, storage_options: storage.StorageOptions = None) -> pa
     if not storage.exists(uri, storage_options):
         raise ResultsError(f"no results at {uri}: run the sweep first, or pass the run "
                            f"directory that holds {RESULTS_FILE}")
-    with storage.open_input(uri, storage_options) as fh:
-        return validate_results(pq.read_table(fh), uri)
+    try:
+        table = checked.read_parquet(uri, storage_options)
+    except checked.CorruptFileError as bad:
+        raise checked.CorruptFileError(
+            uri, bad.reason, "`python -m clo_ray.sweep SPEC --only tune` writes it again from "
+            "the Tune experiment (finished trials are not re-run), then `--only judge` "
+            "adds the judge columns back") from None
+    return validate_results(table, uri)
 
 
 def results_table(grid: Any, spec: SweepSpec) -> pa.Table:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from clo_ray import storage
+from clo_ray import checked
 from clo_ray.errors import CloRayError, SpecError
 from clo_ray.layout import RunLayout
 from clo_ray.spec.schema import SweepSpec, check_corpus_size, spec_hash
@@ -100,7 +100,7 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
         outcome = tune_outcome(grid, planned_trials(spec))
         if outcome.interrupted:  # a partial experiment is not a result: no table, no report
             raise SweepInterrupted(f"{outcome.summary()} under {layout.tune}")
-        storage.write_parquet_atomic(layout.results, results_table(grid, spec), layout.options)
+        checked.write_parquet(layout.results, results_table(grid, spec), layout.options)
     if only in (None, "judge"):  # after tune: a trial's SFT opponent may finish after it
         from clo_ray.eval.judge_stage import run_judge_stage
 

@@ -47,7 +47,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from clo_ray import storage
+from clo_ray.data.pairs import read_pairs
 from clo_ray.models.resolve import resolve_model
 from clo_ray.train import checkpoint as ckpt
 from clo_ray.train.batches import batches, collate, encode_examples
@@ -250,14 +250,6 @@ def load_tokenizer(model_dir: Path) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def read_pairs(uri: str, storage_options: dict | None) -> Any:
-    """The run's training pairs (the pairs stage's parquet), a pyarrow Table."""
-    import pyarrow.parquet as pq
-
-    with storage.open_input(uri, storage_options) as fh:
-        return pq.read_table(fh)
 
 
 def stage_start_model(model_dir: Path, dtype: torch.dtype, finished: list[ckpt.StageState]

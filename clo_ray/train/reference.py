@@ -31,10 +31,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 
-from clo_ray import storage
+from clo_ray import checked, storage
 from clo_ray.errors import CloRayError
 from clo_ray.spec.training import StageSpec
 from clo_ray.storage import StorageOptions
@@ -110,14 +109,26 @@ def write_shard(uri: str, examples: Sequence[Example], logps: torch.Tensor, *, r
     table = pa.table({"id": [e.id for e in examples],
                       "language": [e.language for e in examples],
                       "logps": logps.double().tolist()}, schema=_SCHEMA)
-    storage.write_parquet_atomic(storage.join(uri, shard_name(rank, world)), table,
-                                 storage_options)
+    checked.write_parquet(storage.join(uri, shard_name(rank, world)), table, storage_options)
 
 
 def shard_complete(uri: str, world: int, storage_options: StorageOptions = None) -> bool:
     """Whether the cache at ``uri`` is usable: all shards of ``world`` workers, or of any
     other worker count, exist (``world`` only names the caller's own set)."""
     return bool(_complete_worlds(_list_shards(uri, storage_options)))
+
+
+def reference_usable(uri: str, storage_options: StorageOptions = None) -> bool:
+    """Whether the cache at ``uri`` holds a complete set of shards that read back intact; a
+    damaged shard is moved aside (the set is then computed again)."""
+    if not shard_complete(uri, 0, storage_options):
+        return False
+    try:
+        read_reference(uri, storage_options)
+    except checked.CorruptFileError as bad:
+        checked.set_aside(bad.uri, storage_options)
+        return False
+    return True
 
 
 def read_reference(uri: str, storage_options: StorageOptions = None) -> dict[str, list[float]]:
@@ -138,9 +149,8 @@ def read_reference(uri: str, storage_options: StorageOptions = None) -> dict[str
     world = complete[0]
     reference: dict[str, list[float]] = {}
     for rank in range(world):
-        path = storage.join(uri, shard_name(rank, world))
-        with storage.open_input(path, storage_options) as handle:
-            table = pq.read_table(handle)
+        table = checked.read_parquet(storage.join(uri, shard_name(rank, world)),
+                                     storage_options)
         for row_id, language, values in zip(table.column("id").to_pylist(),
                                             table.column("language").to_pylist(),
                                             table.column("logps").to_pylist(), strict=True):
@@ -242,7 +252,7 @@ def stage_reference(model: Any, examples: Sequence[Example], uri: str, shard: Sh
     import torch.distributed as dist
 
     options = config.storage_options or None
-    flag = [shard_complete(uri, shard.world, options) if shard.rank == 0 else None]
+    flag = [reference_usable(uri, options) if shard.rank == 0 else None]
     if shard.world > 1:
         dist.broadcast_object_list(flag, src=0)
     computed = 0

@@ -29,9 +29,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from clo_ray import storage
+from clo_ray import checked, storage
 from clo_ray.errors import StorageError
 from clo_ray.translate.quality import REASONS, quality_report
 
@@ -92,17 +91,37 @@ class TranslationCache:
         return storage.join(self.uri, name)
 
     def manifest(self) -> dict[str, Any] | None:
-        """The manifest of a complete folder, or None."""
+        """The manifest of a complete folder whose outputs check out, or None.
+
+        A damaged manifest or output is moved aside (and the manifest with it): the stage
+        then writes the outputs again from the parts, translating nothing twice.
+        """
         uri = self._path("manifest.json")
         try:
             if not storage.exists(uri, self.options):
                 return None
-            with storage.open_input(uri, self.options) as fh:
-                return json.loads(fh.read().decode("utf-8"))
-        except (OSError, pa.ArrowException, ValueError) as exc:
+            manifest = checked.read_json(uri, self.options)
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+                raise checked.CorruptFileError(uri, "not a translation manifest")
+            for name in manifest["files"].values():
+                try:
+                    checked.read_parquet(self._path(name), self.options)
+                except checked.CorruptFileError as bad:
+                    checked.set_aside(bad.uri, self.options)
+                    raise checked.CorruptFileError(uri, f"its output {name} was damaged") \
+                        from None
+                except FileNotFoundError:
+                    raise checked.CorruptFileError(uri, f"its output {name} is missing") \
+                        from None
+            return manifest
+        except checked.CorruptFileError as bad:
+            logger.warning("translation cache %s: %s; writing its outputs again from the "
+                           "finished parts", self.uri, bad.reason)
+            checked.set_aside(uri, self.options)
+            return None
+        except (OSError, pa.ArrowException) as exc:
             raise StorageError(f"cannot read the translation cache's {uri} ({exc}); check "
-                               "run.storage and run.storage_options, or delete the folder "
-                               "to translate again") from None
+                               "run.storage and run.storage_options") from None
 
     def write_key(self, inputs: dict[str, Any]) -> None:
         data = json.dumps({"version": CACHE_VERSION, **inputs}, indent=2, ensure_ascii=False)
@@ -117,8 +136,11 @@ class TranslationCache:
                        and i.base_name.endswith(".parquet") and not i.base_name.startswith("."))
         tables = [PART_SCHEMA.empty_table()]
         for name in names:
-            with storage.open_input(storage.join(self.parts_uri, name), self.options) as fh:
-                tables.append(pq.read_table(fh).cast(PART_SCHEMA))
+            uri = storage.join(self.parts_uri, name)
+            try:
+                tables.append(checked.read_parquet(uri, self.options).cast(PART_SCHEMA))
+            except checked.CorruptFileError:  # its rows are translated again
+                checked.set_aside(uri, self.options)
         table = pa.concat_tables(tables)
         keys = [f"{p}\0{i}" for p, i in zip(table.column("pass").to_pylist(),
                                             table.column("id").to_pylist(), strict=True)]
@@ -130,7 +152,7 @@ class TranslationCache:
         table = pa.Table.from_pylist([{**row, "pass": pass_name} for row in rows],
                                      schema=PART_SCHEMA)
         name = f"part-{pass_name}-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"
-        storage.write_parquet_atomic(storage.join(self.parts_uri, name), table, self.options)
+        checked.write_parquet(storage.join(self.parts_uri, name), table, self.options)
 
     def finalize(self, ids: Sequence[str], policy: str,
                  inputs: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +177,7 @@ class TranslationCache:
             "report": quality_report(rows),
         }
         for name, table in tables.items():
-            storage.write_parquet_atomic(self._path(f"{name}.parquet"), table, self.options)
+            checked.write_parquet(self._path(f"{name}.parquet"), table, self.options)
         counts = {r: 0 for r in REASONS}
         for reasons in tables["rejects"].column("reasons").to_pylist():
             counts.update({r: counts[r] + 1 for r in set(reasons)})
@@ -167,9 +189,7 @@ class TranslationCache:
             "files": {name: f"{name}.parquet" for name in OUTPUTS},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "inputs": inputs,
         }
-        storage.write_bytes_atomic(self._path("manifest.json"),
-                                   json.dumps(manifest, indent=2, ensure_ascii=False).encode(),
-                                   self.options)
+        checked.write_json(self._path("manifest.json"), manifest, self.options)
         return manifest
 
     def result(self, manifest: dict[str, Any], **this_call: Any) -> TranslationResult:
@@ -182,8 +202,12 @@ class TranslationCache:
 
 def read_table(uri: str, storage_options: dict | None = None) -> pa.Table:
     """A parquet output (``TranslationResult.translations`` and friends) as a table."""
-    with storage.open_input(uri, storage_options) as fh:
-        return pq.read_table(fh)
+    try:
+        return checked.read_parquet(uri, storage_options)
+    except checked.CorruptFileError as bad:
+        raise checked.CorruptFileError(
+            uri, bad.reason, "re-run the sweep or `python -m clo_ray.translate SPEC`: the "
+            "translate stage moves it aside and writes it again from its parts") from None
 
 
 def probe_storage(root: str, storage_options: dict | None = None) -> None:
