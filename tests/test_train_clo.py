@@ -85,7 +85,9 @@ def samples(storage: Path, name: str, rank: int) -> list[dict]:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, runtime_env=ray_runtime_env())
+    env = ray_runtime_env()  # Train's controller waits 3 s per placement attempt (not 60)
+    env["env_vars"]["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "3"
+    ray.init(num_cpus=4, runtime_env=env)
     yield
     ray.shutdown()
 
@@ -179,6 +181,36 @@ def test_a_run_folder_refuses_another_configuration(straight, storage):
     changed = [{**CLO[0], "lr": 2e-3}]
     with pytest.raises(Exception, match="trained with another configuration"):
         train(storage, 2, "straight-z2", stages=changed)
+
+
+def test_unplaceable_workers_fail_after_the_placement_timeout(ray_local, storage,
+                                                              monkeypatch):
+    """Ray Train alone retries a worker group it cannot place forever: with another actor
+    holding 3 of the 4 CPUs, the 2 workers wait 6 s, then the run fails and says why."""
+    import ray
+
+    from clo_ray.train.trainer import PlacementTimeoutError
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3")
+
+    @ray.remote(num_cpus=3)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    spec = spec_for(storage, 0)
+    pairs = prepare_pairs(spec, {"sw": sample_translations("sw")}, ["sw"], BUDGET)
+    started = time.monotonic()
+    try:
+        with pytest.raises(PlacementTimeoutError, match=r"2 train worker\(s\) of 1 CPU / 0 GPU "
+                                                        r"each were not placed within 6 s"):
+            run_training(spec, pairs, model=TINY, method="clo",
+                         run=TrainRun(name="unplaced", placement_timeout_s=6))
+    finally:
+        ray.kill(holder)
+    assert time.monotonic() - started < 120
 
 
 def _kill_a_worker_after_first_checkpoint(folder: Path, timeout: float = 300) -> int:

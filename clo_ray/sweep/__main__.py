@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from clo_ray.cli_args import positive_number
 from clo_ray.errors import CloRayError
 from clo_ray.layout import RunLayout
 from clo_ray.sweep.outcome import EXIT_INTERRUPTED, EXIT_TRIALS_FAILED, SweepInterrupted
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"run one stage only ({', '.join(STAGES)})")
     parser.add_argument("--address", help="join the Ray cluster at this address (default: "
                                           "RAY_ADDRESS when set, else start a local Ray)")
+    parser.add_argument("--placement-timeout", type=positive_number, metavar="SECONDS",
+                        help="how long a trial's train workers may wait for resources before "
+                             "the trial fails (default 1800)")
     parser.add_argument("--allow-failed-trials", action="store_true",
                         help="exit 0 even when some trials failed (they are still listed)")
     return parser
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
         run_sweep(spec, only=args.only, address=args.address,
-                  allow_failed_trials=args.allow_failed_trials, label=args.spec)
+                  allow_failed_trials=args.allow_failed_trials, label=args.spec,
+                  placement_timeout_s=args.placement_timeout)
     except TrialsFailed as failed:
         print(f"\n{failed}\nresults: {RunLayout.of(spec).results}", file=sys.stderr)
         return EXIT_TRIALS_FAILED

@@ -53,7 +53,8 @@ class TrialsFailed(CloRayError):
 
 
 def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None = None,
-              allow_failed_trials: bool = False, label: str | None = None) -> Any:
+              allow_failed_trials: bool = False, label: str | None = None,
+              placement_timeout_s: float | None = None) -> Any:
     """Run the sweep (or one stage); returns Tune's ResultGrid when the tune stage ran.
 
     Before anything is written or started: every model reference resolves, the corpus loads
@@ -65,7 +66,8 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
 
     Raises SweepInterrupted when the tune stage ended before all trials (nothing is reported:
     re-run to resume), and TrialsFailed after the report when a trial raised, unless
-    ``allow_failed_trials``.
+    ``allow_failed_trials``. ``placement_timeout_s``: how long a trial's workers may wait
+    for resources before that trial fails (it does not hang).
     """
     import ray
 
@@ -96,7 +98,7 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
         logger.info("pairs: %d data set(s) under %s", len(pairs), layout.pairs)
     grid, outcome = None, None
     if only in (None, "tune"):
-        grid = build_tuner(spec, pairs=pairs).fit()
+        grid = build_tuner(spec, pairs=pairs, placement_timeout_s=placement_timeout_s).fit()
         outcome = tune_outcome(grid, planned_trials(spec))
         if outcome.interrupted:  # a partial experiment is not a result: no table, no report
             raise SweepInterrupted(f"{outcome.summary()} under {layout.tune}")

@@ -120,8 +120,30 @@ def loop_config(spec: SweepSpec, *, model: str, stages: Sequence[StageSpec],
         storage_options=dict(spec.run.storage_options) or None).with_extra(extra)
 
 
+# How long a run's train workers may wait to be placed before the run fails (a busy or
+# shrunken cluster); the sweep's --placement-timeout sets it. Ray Train V2 itself retries an
+# unplaceable worker group without end (a retryable controller error, unlimited by default).
+DEFAULT_PLACEMENT_TIMEOUT_S = 1800.0
+_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Train's wait per attempt
+
+
+class PlacementTimeoutError(TrainingError):
+    """A run's train workers could not be placed within the placement timeout."""
+
+
+def placement_retries(timeout_s: float) -> int:
+    """Ray Train's controller retries allowed for ``timeout_s`` of waiting: each attempt waits
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s unless set) for the placement group."""
+    import math
+    import os
+
+    per_attempt = float(os.environ.get(_START_TIMEOUT_ENV, 60.0))
+    return max(0, math.ceil(timeout_s / per_attempt) - 1)
+
+
 def build_trainer(spec: SweepSpec, config: LoopConfig, *, run_name: str,
-                  callbacks: Sequence[Any] = (), storage_path: str | None = None) -> Any:
+                  callbacks: Sequence[Any] = (), storage_path: str | None = None,
+                  placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S) -> Any:
     """A TorchTrainer for one run: workers and resources, storage, retries, checkpoints."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -145,7 +167,9 @@ def build_trainer(spec: SweepSpec, config: LoopConfig, *, run_name: str,
         name=run_name,
         storage_path=path,
         storage_filesystem=filesystem,
-        failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
+        failure_config=ray.train.FailureConfig(
+            max_failures=resources.max_failures,
+            controller_failure_limit=placement_retries(placement_timeout_s)),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         callbacks=[history, *callbacks],
         worker_runtime_env={"env_vars": worker_env(use_gpu)},
@@ -179,12 +203,15 @@ class TrainRun:
     own names (Tune: the trial id); ``None`` names one run per grid cell. ``callbacks``: extra
     Ray Train RunConfig callbacks (Tune's ``TuneReportCallback``). ``extra``: loop keys such
     as ``stop_after_steps`` (see :data:`clo_ray.train.loop_config.EXTRA_KEYS`).
+    ``placement_timeout_s``: how long the workers may wait for their resources before the
+    run fails with :class:`PlacementTimeoutError` (not forever).
     """
 
     name: str | None = None
     storage_path: str | None = None
     callbacks: Sequence[Any] = ()
     extra: Mapping[str, Any] | None = None
+    placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S
 
 
 def run_training(spec: SweepSpec, pairs: PreparedPairs, *, model: str, method: str,
@@ -202,7 +229,27 @@ def run_training(spec: SweepSpec, pairs: PreparedPairs, *, model: str, method: s
     config = loop_config(spec, model=model, stages=stages, pairs=pairs, extra=run.extra)
     name = run.name or default_run_name(spec, model, pairs.languages, method, pairs.budget)
     trainer = build_trainer(spec, config, run_name=name, callbacks=run.callbacks,
-                            storage_path=run.storage_path)
+                            storage_path=run.storage_path,
+                            placement_timeout_s=run.placement_timeout_s)
     logger.info("training %s: %d pairs (%d held out), %d stage(s), %d worker(s)", name,
                 pairs.n_train, pairs.n_eval, len(stages), spec.resources.workers_per_trial)
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as err:
+        if _unplaced(err):
+            res = spec.resources
+            raise PlacementTimeoutError(
+                f"run {name}: its {res.workers_per_trial} train worker(s) of "
+                f"{res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU each were not "
+                f"placed within {run.placement_timeout_s:g} s: the cluster is busy, "
+                "shrank, or is still scaling up. Re-run the sweep when it has room (finished "
+                "work is kept), or allow longer waits with --placement-timeout") from None
+        raise
+
+
+def _unplaced(err: BaseException) -> bool:
+    """Whether ``err`` is Ray Train giving up on placing a worker group."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    failure = getattr(err, "controller_failure", None)
+    return isinstance(failure, WorkerGroupStartupTimeoutError)

@@ -29,7 +29,8 @@ def trial_run_name(config: Mapping[str, Any]) -> str:
 
 
 def run_trial(config: dict[str, Any], spec_data: dict[str, Any],
-              pairs: Mapping[str, PreparedPairs]) -> None:
+              pairs: Mapping[str, PreparedPairs],
+              placement_timeout_s: float | None = None) -> None:
     """One trial: train the cell's model with the sampled params, evaluate, report.
 
     ``pairs``: the pairs stage's data sets by :func:`clo_ray.data.pairs.pairs_key`.
@@ -40,7 +41,12 @@ def run_trial(config: dict[str, Any], spec_data: dict[str, Any],
 
     from clo_ray.eval.trial_eval import evaluation_task
     from clo_ray.train.schedule import preference_beta
-    from clo_ray.train.trainer import TrainRun, method_stages, run_training
+    from clo_ray.train.trainer import (
+        DEFAULT_PLACEMENT_TIMEOUT_S,
+        TrainRun,
+        method_stages,
+        run_training,
+    )
 
     spec = load_spec(spec_data)
     cell, params = cell_of(config), config["params"]
@@ -49,7 +55,9 @@ def run_trial(config: dict[str, Any], spec_data: dict[str, Any],
     result = run_training(spec, data, model=model, method=cell.method, overrides=params,
                           run=TrainRun(name=trial_run_name(config),
                                        storage_path=RunLayout.of(spec).trials,
-                                       callbacks=[TuneReportCallback()]))
+                                       callbacks=[TuneReportCallback()],
+                                       placement_timeout_s=placement_timeout_s
+                                       or DEFAULT_PLACEMENT_TIMEOUT_S))
     train_seconds = time.perf_counter() - started
     beta = preference_beta(method_stages(spec, cell.method, params))
     metrics = ray.get(evaluation_task(spec).remote(

@@ -57,11 +57,13 @@ def planned_trials(spec: SweepSpec) -> int:
 
 
 def build_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = None,
-                restore: bool = True) -> Any:
+                restore: bool = True, placement_timeout_s: float | None = None) -> Any:
     """The sweep's ``ray.tune.Tuner``; restored (finished trials kept) when it exists.
 
     ``pairs``: the pairs stage's output (:func:`clo_ray.data.pairs.prepare_sweep_pairs`);
     without it, the translate and pairs stages run here first (cached: a re-run reads them).
+    ``placement_timeout_s``: how long a trial's train workers may wait to be placed
+    (default :data:`clo_ray.train.trainer.DEFAULT_PLACEMENT_TIMEOUT_S`).
     """
     from ray import tune
 
@@ -74,7 +76,7 @@ def build_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = 
     metrics, modes = searcher_metrics(spec)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_data=spec.model_dump(mode="json", by_alias=True),
-                             pairs=dict(pairs)),
+                             pairs=dict(pairs), placement_timeout_s=placement_timeout_s),
         trial_resources(spec))
     layout = RunLayout.of(spec)
     filesystem, fs_path = storage.resolve(layout.tune, layout.options)
