@@ -138,6 +138,27 @@ def test_every_trial_lands_in_results_and_cells_learn_only_their_own(interrupted
         assert {t["params"]["lr"] for t in seen} == lrs  # only its own cell's trials
 
 
+def test_the_resumed_search_is_the_uninterrupted_one(interrupted_and_resumed):
+    """Killed between trials and resumed: each cell's (trial index, params) are exactly what
+    an uninterrupted run draws (the random sampler: draws do not depend on results)."""
+    from clo_ray.spec.schema import load_spec
+    from clo_ray.tune.searcher import CellSearcher
+
+    spec = load_spec(interrupted_and_resumed["spec"])
+    fresh = CellSearcher(spec, metrics=["objective"], modes=["max"], study_prefix="x")
+    expected = set()
+    for i in range(4):
+        config = fresh.suggest(f"t{i}")
+        expected.add((config["cell"]["method"], config["cell_trial"],
+                      round(config["params"]["lr"], 12)))
+    got = set()
+    for params in (interrupted_and_resumed["run_dir"] / "tune").glob("*/params.json"):
+        config = json.loads(params.read_text())
+        got.add((config["cell"]["method"], config["cell_trial"],
+                 round(config["params"]["lr"], 12)))
+    assert got == expected
+
+
 def test_report_files_exist_and_the_png_opens(interrupted_and_resumed):
     import matplotlib.image
 

@@ -7,6 +7,7 @@ metric), and writes report.md, best_trials.parquet and the PNGs (:func:`build_re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 
@@ -62,4 +63,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The process ends without interpreter teardown: pyarrow's parquet thread pool can abort
+    # it ("terminate called without an active exception", exit -6; apache/arrow#34314), which
+    # turned a finished report or a clean exit 2 into a crash under load. Nothing here needs
+    # atexit handlers (no Ray); the output is flushed first.
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
