@@ -18,6 +18,7 @@ Hugging Face model holding the base weights plus everything earlier stages train
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -84,7 +85,9 @@ def apply_overrides(stages: Sequence[StageSpec], overrides: Mapping[str, Any]) -
         try:
             for stage in touched:
                 _set(stage, field, value)
-                StageSpec.model_validate(stage.model_dump(by_alias=True))
+                with warnings.catch_warnings():  # pydantic warns dumping the unchecked value
+                    warnings.simplefilter("ignore", UserWarning)
+                    StageSpec.model_validate(stage.model_dump(by_alias=True))
         except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError
             reason = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
             raise ScheduleError(f"override {key}={value!r}: {reason}") from None
