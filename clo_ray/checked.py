@@ -85,12 +85,19 @@ def read_bytes(uri: str, options: storage.StorageOptions = None) -> bytes:
     return data
 
 
-def read_parquet(uri: str, options: storage.StorageOptions = None) -> pa.Table:
-    data = read_bytes(uri, options)
+def read_parquet(uri: str, options: storage.StorageOptions = None, *, fix: str = "") -> pa.Table:
+    """The verified table at ``uri``; ``fix``: what the error tells a user to do (for files
+    whose reader cannot recompute them itself)."""
     try:
-        return pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise CorruptFileError(uri, f"not readable as parquet: {exc}") from None
+        data = read_bytes(uri, options)
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CorruptFileError(uri, f"not readable as parquet: {exc}") from None
+    except CorruptFileError as bad:
+        if not fix:
+            raise
+        raise CorruptFileError(uri, bad.reason, fix) from None
 
 
 def read_json(uri: str, options: storage.StorageOptions = None) -> Any:

@@ -173,12 +173,9 @@ def prepare_pairs(spec: SweepSpec, tables: Mapping[str, pa.Table], languages: Se
 
 def read_pairs(uri: str, storage_options: storage.StorageOptions = None) -> pa.Table:
     """A pairs file the pairs stage wrote (training or held-out), verified."""
-    try:
-        return checked.read_parquet(uri, storage_options)
-    except checked.CorruptFileError as bad:
-        raise checked.CorruptFileError(
-            uri, bad.reason, "re-run the sweep: its pairs stage moves the file aside and "
-            "writes it again from the cached translations") from None
+    return checked.read_parquet(uri, storage_options, fix=(
+        "re-run the sweep: its pairs stage moves the file aside and writes it again from the "
+        "cached translations"))
 
 
 def pairs_key(language: str, budget: int) -> str:

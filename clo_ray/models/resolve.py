@@ -132,12 +132,8 @@ def _check_hub(ref: str, revision: str | None) -> None:
         HfApi().model_info(ref, revision=revision, timeout=20)
     except GatedRepoError:
         return  # exists; the download names the licence step if the token lacks access
-    except RepositoryNotFoundError as err:
-        raise ModelResolutionError(
-            f"model {ref!r} does not exist on the hub (or is private: log in with HF_TOKEN)"
-        ) from err
-    except RevisionNotFoundError as err:
-        raise ModelResolutionError(f"model {ref!r} has no revision {revision!r}") from err
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise _not_on_hub(ref, revision, err) from err
     except Exception as err:  # noqa: BLE001 - HfHubHTTPError, and the client's httpx errors
         raise ModelResolutionError(
             f"model {ref!r} is not in the Hugging Face cache and the hub is unreachable "
@@ -239,17 +235,23 @@ def _resolve_hub(ref: str, revision: str | None) -> Path:
             f"model {ref!r} is gated: accept its license on the hub and log in "
             f"(huggingface-cli login or HF_TOKEN)"
         ) from err
-    except RepositoryNotFoundError as err:
-        raise ModelResolutionError(
-            f"model {ref!r} does not exist on the hub (or is private: log in with HF_TOKEN)"
-        ) from err
-    except RevisionNotFoundError as err:
-        raise ModelResolutionError(f"model {ref!r} has no revision {revision!r}") from err
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise _not_on_hub(ref, revision, err) from err
     except HfHubHTTPError as err:
         raise ModelResolutionError(f"downloading model {ref!r} failed: {err}") from err
     if not (path / "config.json").is_file():
         raise ModelResolutionError(f"hub repo {ref!r} has no config.json: not a transformers model")
     return path
+
+
+def _not_on_hub(ref: str, revision: str | None, err: Exception) -> ModelResolutionError:
+    """The hub's answer that a repo or revision does not exist, in our words."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    if isinstance(err, RevisionNotFoundError):
+        return ModelResolutionError(f"model {ref!r} has no revision {revision!r}")
+    return ModelResolutionError(
+        f"model {ref!r} does not exist on the hub (or is private: log in with HF_TOKEN)")
 
 
 def _check_remote_code(ref: str, path: Path, trust_remote_code: bool) -> None:
@@ -262,7 +264,8 @@ def _check_remote_code(ref: str, path: Path, trust_remote_code: bool) -> None:
     if config.get("model_type") not in CONFIG_MAPPING:
         raise ModelResolutionError(
             f"model {ref!r} (model_type {config.get('model_type')!r}) needs code shipped in "
-            f"its repo; pass trust_remote_code=True if you trust it"
+            f"its repo; if you trust that code, set trust_remote_code: true on this model in "
+            f"the spec (models[].trust_remote_code; off by default)"
         )
 
 

@@ -132,13 +132,9 @@ def load_results(uri: str, storage_options: storage.StorageOptions = None) -> pa
     if not storage.exists(uri, storage_options):
         raise ResultsError(f"no results at {uri}: run the sweep first, or pass the run "
                            f"directory that holds {RESULTS_FILE}")
-    try:
-        table = checked.read_parquet(uri, storage_options)
-    except checked.CorruptFileError as bad:
-        raise checked.CorruptFileError(
-            uri, bad.reason, "`python -m clo_ray.sweep SPEC --only tune` writes it again from "
-            "the Tune experiment (finished trials are not re-run), then `--only judge` "
-            "adds the judge columns back") from None
+    table = checked.read_parquet(uri, storage_options, fix=(
+        "`python -m clo_ray.sweep SPEC --only tune` writes it again from the Tune experiment "
+        "(finished trials are not re-run), then `--only judge` adds the judge columns back"))
     return validate_results(table, uri)
 
 

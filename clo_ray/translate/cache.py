@@ -202,12 +202,9 @@ class TranslationCache:
 
 def read_table(uri: str, storage_options: dict | None = None) -> pa.Table:
     """A parquet output (``TranslationResult.translations`` and friends) as a table."""
-    try:
-        return checked.read_parquet(uri, storage_options)
-    except checked.CorruptFileError as bad:
-        raise checked.CorruptFileError(
-            uri, bad.reason, "re-run the sweep or `python -m clo_ray.translate SPEC`: the "
-            "translate stage moves it aside and writes it again from its parts") from None
+    return checked.read_parquet(uri, storage_options, fix=(
+        "re-run the sweep or `python -m clo_ray.translate SPEC`: the translate stage moves it "
+        "aside and writes it again from its parts"))
 
 
 def probe_storage(root: str, storage_options: dict | None = None) -> None:
