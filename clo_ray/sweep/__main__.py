@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from clo_ray.spec.schema import load_spec
     from clo_ray.sweep.plan import build_plan, format_plan
-    from clo_ray.sweep.preflight import check_models, model_problems
+    from clo_ray.sweep.preflight import model_problems
 
     resume = f"re-run `python -m clo_ray.sweep {args.spec}` to resume"
     try:
@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
                 print("\nwarning: model references that will not resolve on this machine "
                       "(a sweep started here refuses them):\n  " + "\n  ".join(problems))
             return 0
-        check_models(spec, args.spec)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
         run_sweep(spec, only=args.only, address=args.address,

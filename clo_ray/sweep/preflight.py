@@ -68,7 +68,6 @@ def cluster_shapes() -> tuple[list[NodeShape], str]:
     import ray
     from ray._private.state import state
 
-    config = None
     try:
         config = state.get_cluster_config()
     except Exception:  # noqa: BLE001 - an older GCS without the key: fall back to live nodes
