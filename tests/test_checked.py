@@ -115,12 +115,12 @@ def test_a_damaged_reference_shard_is_computed_again(tmp_path):
     uri = str(tmp_path / "ref")
     for rank in (0, 1):
         ref.write_shard(uri, examples[rank::2], logps[rank::2], rank=rank, world=2)
-    assert ref.reference_usable(uri)
+    assert ref.usable_reference(uri) is not None
     shard = Path(uri) / ref.shard_name(1, 2)
     truncate(shard)
     with pytest.raises(checked.CorruptFileError, match=ref.shard_name(1, 2)):
         ref.read_reference(uri)
-    assert not ref.reference_usable(uri)  # rank 0's verdict: every rank computes again
+    assert ref.usable_reference(uri) is None  # rank 0's verdict: every rank computes again
     assert aside(Path(uri)) == [shard.name] and not shard.exists()
 
 

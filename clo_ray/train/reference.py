@@ -118,17 +118,17 @@ def shard_complete(uri: str, world: int, storage_options: StorageOptions = None)
     return bool(_complete_worlds(_list_shards(uri, storage_options)))
 
 
-def reference_usable(uri: str, storage_options: StorageOptions = None) -> bool:
-    """Whether the cache at ``uri`` holds a complete set of shards that read back intact; a
-    damaged shard is moved aside (the set is then computed again)."""
+def usable_reference(uri: str, storage_options: StorageOptions = None
+                     ) -> dict[str, list[float]] | None:
+    """The cache at ``uri`` when it holds a complete set of shards that read back intact,
+    else None; a damaged shard is moved aside (the set is then computed again)."""
     if not shard_complete(uri, 0, storage_options):
-        return False
+        return None
     try:
-        read_reference(uri, storage_options)
+        return read_reference(uri, storage_options)
     except checked.CorruptFileError as bad:
         checked.set_aside(bad.uri, storage_options)
-        return False
-    return True
+        return None
 
 
 def read_reference(uri: str, storage_options: StorageOptions = None) -> dict[str, list[float]]:
@@ -252,7 +252,8 @@ def stage_reference(model: Any, examples: Sequence[Example], uri: str, shard: Sh
     import torch.distributed as dist
 
     options = config.storage_options or None
-    flag = [reference_usable(uri, options) if shard.rank == 0 else None]
+    found = usable_reference(uri, options) if shard.rank == 0 else None
+    flag = [found is not None if shard.rank == 0 else None]
     if shard.world > 1:
         dist.broadcast_object_list(flag, src=0)
     computed = 0
@@ -268,4 +269,6 @@ def stage_reference(model: Any, examples: Sequence[Example], uri: str, shard: Sh
                     computed, uri)
     if shard.world > 1:
         dist.barrier()
+    if found is not None:  # rank 0 read (and verified) it already
+        return found, computed
     return read_reference(uri, options), computed
