@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from clo_ray import storage
@@ -83,6 +84,25 @@ def read_bytes(uri: str, options: storage.StorageOptions = None) -> bytes:
     if hashlib.sha256(data).hexdigest() != digest:
         raise CorruptFileError(uri, "its checksum differs from the one written with it")
     return data
+
+
+def check_size(uri: str, options: storage.StorageOptions = None) -> None:
+    """Raise CorruptFileError when ``uri`` is missing or its size differs from the recorded
+    one: a cheap look (no read) for large files that are checksummed when read."""
+    fs, path = storage.resolve(uri, options)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise CorruptFileError(uri, "missing")
+    sidecar = check_uri(uri)
+    if not storage.exists(sidecar, options):
+        return
+    try:
+        with storage.open_input(sidecar, options) as handle:
+            size = int(json.loads(handle.read().decode("utf-8"))["size"])
+    except (ValueError, KeyError, TypeError):
+        return
+    if info.size != size:
+        raise CorruptFileError(uri, f"{info.size} bytes, written as {size}")
 
 
 def read_parquet(uri: str, options: storage.StorageOptions = None, *, fix: str = "") -> pa.Table:
