@@ -14,6 +14,9 @@ Every stage reads its inputs and writes its outputs under two roots, local or ``
     <run.storage>/<run.name>/train/<name>/    the same for ``python -m clo_ray.train`` runs
     <run.storage>/<run.name>/eval/<trial>/... a trial's evaluation (answers, metrics)
     <run.storage>/<run.name>/results.parquet  one row per trial (clo_ray.report.schema)
+    <run.storage>/<run.name>/judgements.parquet  one row per judge comparison (judge stage)
+    <run.storage>/<run.name>/alpaca_eval/...  the compared answers in alpaca_eval's format
+    <run.storage>/cache/prompt_sets/<key>/    prompt sets, one table per language
     <run.storage>/<run.name>/report.md ...    the report stage's files
 
 Caches are content-addressed and shared across runs (a second sweep over the same corpus
@@ -29,12 +32,13 @@ from typing import Any
 
 import yaml
 
-from clo_ray import storage
+from clo_ray import checked, storage
 from clo_ray.errors import SpecError
 from clo_ray.storage import StorageOptions
 
 SPEC_FILE = "spec.yaml"
 RESULTS_FILE = "results.parquet"
+JUDGEMENTS_FILE = "judgements.parquet"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=-]+")
 
 
@@ -79,6 +83,17 @@ class RunLayout:
     @property
     def results(self) -> str:
         return storage.join(self.uri, RESULTS_FILE)
+
+    @property
+    def judgements(self) -> str:
+        return storage.join(self.uri, JUDGEMENTS_FILE)
+
+    def read_judgements(self) -> Any:
+        """judgements.parquet as a pyarrow Table, or None when the judge never ran here."""
+        if not storage.exists(self.judgements, self.options):
+            return None
+        return checked.read_parquet(self.judgements, self.options,
+                                    fix="re-run the sweep with --only judge to rebuild it")
 
     @property
     def tune(self) -> str:

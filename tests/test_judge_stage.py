@@ -118,21 +118,25 @@ def test_judges_against_best_sft_and_rerun_hits_cache(sweep: dict) -> None:
     summary = run_judge_stage(spec)  # the real judge: tiny-llama, loaded by the stage
     assert summary is not None
     assert summary.pairs == {"clo-c": "sft-b"}  # best by objective, not the first listed
-    assert summary.judged == 1 and summary.cached == 0
+    assert summary.judged == 2 and summary.cached == 0  # held-out prompts: target, English
     assert "no completed SFT trial" in summary.skipped["clo-lonely"]
     assert "clo-failed" not in summary.skipped  # failed trials are not candidates
 
-    [cache] = _cache_files(spec)
-    record = json.loads(cache.read_text())
-    assert (record["trial"], record["opponent"]) == ("clo-c", "sft-b")
+    caches = _cache_files(spec)
+    records = {r["side"]: r for r in (json.loads(c.read_text()) for c in caches)}
+    assert sorted(records) == ["english", "target"]
     rows = _by_trial(results)
+    judgements = pq.read_table(summary.judgements).to_pylist()
     for side, prefix in (("target", "judge"), ("english", "english_judge")):
-        got = record[side]["result"]
-        assert got["n"] == MAX_PROMPTS
+        record = records[side]
+        assert (record["trial"], record["opponent"], record["prompt_set"]) == (
+            "clo-c", "sft-b", "heldout")
+        got = record["result"]
+        assert got["n"] == MAX_PROMPTS and got["failed"] == 0
         assert got["wins"] + got["losses"] + got["ties"] + got["unparseable"] == MAX_PROMPTS
         judged = got["wins"] + got["losses"] + got["ties"]
         assert (got["win_rate"] is None) == (judged == 0)
-        replies = record[side]["replies"]
+        replies = record["replies"]
         assert len(replies) == 2 * MAX_PROMPTS  # both orders
         # a question counts as unparseable when either order's verdict is
         unparseable = sum(parse_verdict(a) is None or parse_verdict(b) is None
@@ -140,9 +144,14 @@ def test_judges_against_best_sft_and_rerun_hits_cache(sweep: dict) -> None:
                                           strict=True))
         assert got["unparseable"] == unparseable
         row = rows["clo-c"]
-        assert row[f"{prefix}_win_rate"] == got["win_rate"]
+        assert row[f"{prefix}_win_rate"] == pytest.approx(got["win_rate"])
         assert (row[f"{prefix}_ties"], row[f"{prefix}_unparseable"], row[f"{prefix}_n"]) == (
             got["ties"], got["unparseable"], MAX_PROMPTS)
+        [line] = [j for j in judgements if j["side"] == side]
+        assert (line["trial_id"], line["opponent"], line["opponent_trial"]) == (
+            "clo-c", "sft", "sft-b")
+        assert line["n_items"] == MAX_PROMPTS and line["unparseable"] == unparseable
+        assert len(json.loads(line["unparseable_items"])) == unparseable
         for other in ("sft-a", "sft-b", "clo-lonely", "clo-failed", "base-tiny-sw"):
             assert rows[other][f"{prefix}_win_rate"] is None
             assert rows[other][f"{prefix}_n"] is None
@@ -151,9 +160,9 @@ def test_judges_against_best_sft_and_rerun_hits_cache(sweep: dict) -> None:
         raise AssertionError("a re-run must take every verdict from the cache")
 
     again = run_judge_stage(spec, judge=no_judge)
-    assert again is not None and again.judged == 0 and again.cached == 1
+    assert again is not None and again.judged == 0 and again.cached == 2
     assert _by_trial(results) == rows
-    assert _cache_files(spec) == [cache]
+    assert _cache_files(spec) == caches
 
 
 @pytest.mark.timeout(300)
@@ -174,7 +183,7 @@ def test_base_opponent_and_objective_completed(sweep: dict) -> None:
     assert summary is not None
     # every completed trial, SFT ones too, against the base model linked to it
     assert summary.pairs == dict.fromkeys(["sft-a", "sft-b", "clo-c", "clo-lonely"], "base")
-    assert summary.judged == 3 and summary.cached == 1  # clo-lonely shares clo-c's answers
+    assert summary.judged == 6 and summary.cached == 2  # clo-lonely shares clo-c's answers
     assert len(asked) == 3 * 2 * 2 * MAX_PROMPTS  # 3 pairs, 2 prompt sets, both orders
     rows = _by_trial(results)
     for trial_id in summary.pairs:
@@ -193,3 +202,54 @@ def test_judge_off_leaves_results_alone(sweep: dict) -> None:
     before = Path(sweep["results"]).read_bytes()
     assert run_judge_stage(spec) is None
     assert Path(sweep["results"]).read_bytes() == before
+
+
+@pytest.mark.timeout(300)
+def test_opponents_statistics_and_alpaca_eval_export(sweep: dict) -> None:
+    """SFT of the cell and SFT at the largest budget as opponents; judgements.parquet holds
+    alpaca_eval's statistics; the exported files read back with alpaca_eval's own loader
+    and its own metric code gives the same win rate from our annotations."""
+    alpaca_utils = pytest.importorskip("alpaca_eval.utils")
+    from alpaca_eval.metrics.winrate import get_winrate
+
+    spec = _spec(sweep["tmp"] / "runs", opponents=["sft", "sft_largest"], bootstrap=20,
+                 max_new_tokens=7)  # another judge setting: nothing cached by the tests above
+    spec = spec.model_copy(update={"budgets": [8, 16]})
+    table = pq.read_table(sweep["results"]).to_pylist()
+    big = dict(next(r for r in table if r["trial_id"] == "sft-a"), trial_id="sft-big",
+               budget=16)
+    results = str(sweep["tmp"] / "runs" / "tiny" / "opponents_results.parquet")
+    storage.write_parquet_atomic(results, pa.Table.from_pylist(table + [big],
+                                                               schema=RESULTS_SCHEMA))
+
+    def prefers_model(prompts: list[str]) -> list[str]:  # the model's answer is always first
+        half = len(prompts) // 2
+        return ["Verdict: A"] * half + ["Verdict: B"] * half
+
+    summary = run_judge_stage(spec, results_uri=results, judge=prefers_model)
+    assert summary is not None
+    lines = pq.read_table(summary.judgements).to_pylist()
+    pairs = {(j["trial_id"], j["opponent"], j["opponent_trial"]) for j in lines}
+    assert pairs == {("clo-c", "sft", "sft-b"), ("clo-c", "sft_largest", "sft-big"),
+                     ("sft-a", "sft_largest", "sft-big"), ("sft-b", "sft_largest", "sft-big"),
+                     ("clo-lonely", "sft", "sft-big"), ("clo-lonely", "sft_largest", "sft-big")}
+    for line in lines:  # every judged item a win: 100 +- 0
+        assert (line["win_rate"], line["standard_error"]) == (100.0, 0.0)
+        assert line["n_wins"] == line["n_total"] == MAX_PROMPTS and line["failed"] == 0
+    rows = _by_trial(results)
+    assert rows["clo-c"]["judge_win_rate"] == 1.0 and rows["clo-c"]["judge_win_rate_se"] == 0.0
+    assert rows["sft-a"]["judge_win_rate"] is None  # headline opponent is sft: none for SFT
+
+    folder = Path(RunLayout.of(spec).uri, "alpaca_eval", "heldout", "target", "clo-c")
+    model = alpaca_utils.load_or_convert_to_dataframe(folder / "model_outputs.json")
+    reference = alpaca_utils.load_or_convert_to_dataframe(
+        folder / "vs-sft" / "reference_outputs.json")
+    answers = sweep["trials"]["clo-c"]["answers"]
+    assert list(model.columns) == ["instruction", "output", "generator", "dataset"]
+    assert model["output"].tolist() == answers.column("answer_target").to_pylist()
+    assert model["instruction"].tolist() == answers.column("prompt").to_pylist()
+    assert reference["output"].tolist() == \
+        sweep["trials"]["sft-b"]["answers"].column("answer_target").to_pylist()
+    assert set(reference["generator"]) == {"sft-b"} and set(model["generator"]) == {"clo-c"}
+    annotations = json.loads((folder / "vs-sft" / "annotations.json").read_text())
+    assert get_winrate(annotations)["win_rate"] == 100.0

@@ -216,3 +216,28 @@ def test_trial_reports_lm_eval_and_results_carry_it(tiny_dir: Path, tasks_dir: P
     files = build_report(table, str(tmp_path / "report"),
                          ReportOptions(metrics=[f"lm_eval.{TASK}"], plots=False))
     assert f"lm_eval.{TASK}" in Path(files.markdown).read_text()
+
+
+@pytest.mark.timeout(300)
+def test_benchmarks_by_name_run_the_languages_tasks(tiny_dir: Path, tmp_path: Path) -> None:
+    """``evaluation.benchmarks: [belebele]`` for Swahili runs belebele_swh_Latn and the
+    English belebele_eng_Latn, 1-shot as in CRPO: here local tasks under those names (the
+    real ones download their data) stand in, read by the real lm-eval."""
+    from clo_ray.eval.lm_eval import run_benchmarks
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for name, gold in (("belebele_swh_Latn", 0), ("belebele_eng_Latn", 1)):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"question": f"Swali {i}?", "choices": ["a", "b"],
+                                            "answer": gold}) + "\n" for i in range(N_DOCS)))
+        task = {**_task_yaml(name, data, tmp_path / "hf"), "fewshot_split": "test"}
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(task))
+    evaluation = EvaluationSection(benchmarks=["belebele"], lm_eval={
+        "include_path": str(folder), "limit": LIMIT, "batch_size": 4})
+    got = run_benchmarks(tiny_dir, evaluation, "sw", cache_uri=str(tmp_path / "out"),
+                         model_key="tiny")
+    assert got["benchmark.belebele"] == got["lm_eval.belebele_swh_Latn"]
+    assert got["benchmark.belebele.en"] == got["lm_eval.belebele_eng_Latn"]
+    record = json.loads((tmp_path / "out" / "benchmarks-1shot" / "lm_eval.json").read_text())
+    assert set(record["result"]["samples"]) == {"belebele_swh_Latn", "belebele_eng_Latn"}

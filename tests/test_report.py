@@ -270,3 +270,63 @@ def test_without_objective_each_metric_falls_back_to_its_own_best(results, tmp_p
     assert "| m-a | 95.0 / 95.0 / 95.0 |" in md and "| m-a | 0.500 / 0.500 / 0.500 |" in md
     assert "37 cell(s) have no trial with `objective`: there each metric shows its own" in md
     assert "`objective`" not in _section(md, "## Notes").split("37 cell(s)")[0]
+
+
+def test_the_papers_table_curves_and_benchmarks_from_judgements(tmp_path) -> None:
+    """The paper's main table (SFT+DPO / CLO against SFT, WR ±SE [LC], Δ), its data-size
+    curves against SFT at the largest budget, and the benchmark table, from a results file
+    with SFT, SFT+DPO and CLO rows and a judgements table."""
+    from clo_ray.eval.judge_export import judgements_table
+
+    rows = synthetic_rows()
+    for row in rows:  # a benchmark column: base 30%, trained 40% + 1 point per method
+        if row["language"] in LANGS:
+            row["benchmark.belebele"] = 0.30 if row["method"] == "base" else \
+                0.40 + 0.01 * list(QUALITY).index(row["method"])
+            row["benchmark.belebele.en"] = 0.8
+    table = pa.Table.from_pylist(rows)
+    best = {}  # the trial each cell's tables show: k = 1 has the better objective
+    lines = []
+    for model in MODELS:
+        for lang in LANGS:
+            for method in ("clo", "sft_dpo", "sft"):
+                for budget in BUDGETS:
+                    trial = f"{model}-{lang}-{method}-{budget}-1"
+                    best[(model, lang, method, budget)] = trial
+                    rate = {"clo": 70.4, "sft_dpo": 59.1, "sft": 50.0}[method] - 3 * (
+                        BUDGETS.index(budget) != 2)
+                    for opponent in ("sft", "sft_largest"):
+                        if method == "sft" and opponent == "sft":
+                            continue
+                        for side in ("target", "english"):
+                            lines.append({
+                                "run": "synthetic", "trial_id": trial, "model": model,
+                                "language": lang, "method": method, "budget": budget,
+                                "opponent": opponent, "prompt_set": "alpaca", "side": side,
+                                "n_items": 805, "failed": 0, "unparseable": 0,
+                                "win_rate": rate if side == "target" else rate - 10,
+                                "standard_error": 1.6, "ci_low": rate - 3.1,
+                                "ci_high": rate + 3.1, "length_controlled_winrate": rate - 1,
+                                "failed_items": "[]", "unparseable_items": "[]"})
+            # a worse trial of the same cell, judged too: the table must not show it
+            lines.append(dict(lines[-1], trial_id=f"{model}-{lang}-clo-3200-0", win_rate=99.0,
+                              side="target", opponent="sft", method="clo", budget=3200))
+    files = build_report(table, str(tmp_path), ReportOptions(prompt_set="alpaca",
+                                                             benchmarks=("belebele",)),
+                         judgements=judgements_table(lines))
+    report = (tmp_path / "report.md").read_text()
+    assert "## Judge win rate against SFT (prompt set `alpaca`)" in report
+    header = "| model | prompts | ko | sw |"  # the paper's language order: ko before sw
+    assert header.replace("ko | sw", "sw | ko") in report or header in report
+    cell = "59.1 ±1.6 [LC 58.1] / 70.4 ±1.6 [LC 69.4] (Δ +11.3)"
+    target_row = next(line for line in report.splitlines()
+                      if line.startswith("| m-a | target prompts |"))
+    assert target_row.count(cell) == 2, target_row  # both languages, the best trials only
+    english_row = next(line for line in report.splitlines()
+                       if line.startswith("| m-a | English prompts |"))
+    assert "49.1 ±1.6 [LC 58.1] / 60.4 ±1.6 [LC 69.4] (Δ +11.3)" in english_row
+    assert "## Benchmark: belebele" in report
+    assert "| m-a | base | 30.0 | 30.0 |" in report
+    assert "| m-a | CLO | 40.0 [en 80.0] | 40.0 [en 80.0] |" in report
+    curves = tmp_path / "judge_win_rate_vs_sft_largest.png"
+    assert str(curves) in files.plots and imread(curves).shape[0] > 100

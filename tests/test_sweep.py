@@ -25,6 +25,17 @@ SPEC = ROOT / "tests" / "specs" / "tiny_sweep.yaml"
 pytestmark = pytest.mark.slow
 
 
+# The paper's evaluation in miniature: a prompt set answered with sampling (3 built-in
+# instructions), judged by tiny-llama against the cell's SFT trial and the base model.
+PAPER_EVAL = {
+    "evaluation.prompt_sets": [{"name": "builtin", "path": "builtin:eval-prompts",
+                                "max_prompts": 3,
+                                "generation": {"temperature": 0.8, "top_p": 0.95, "seed": 1}}],
+    "evaluation.judge": {"enabled": True, "model": "builtin:tiny-llama",
+                         "backend": "transformers", "max_new_tokens": 4,
+                         "opponents": ["sft", "base"], "bootstrap": 10}}
+
+
 def write_spec(tmp: Path, name: str = "spec.yaml", **changes) -> Path:
     data = yaml.safe_load(SPEC.read_text())
     data["run"]["storage"] = str(tmp / "runs")
@@ -97,7 +108,7 @@ def counting_env(tmp: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def interrupted_and_resumed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    spec = write_spec(tmp)
+    spec = write_spec(tmp, **PAPER_EVAL)
     run_dir = tmp / "runs" / "tiny"
     env = counting_env(tmp)
     log = open(tmp / "first.log", "w")
@@ -136,6 +147,39 @@ def test_every_trial_lands_in_results_and_cells_learn_only_their_own(interrupted
         method = cell.split("/")[2]
         lrs = {json.loads(r["params"])["lr"] for r in trials if r["method"] == method}
         assert {t["params"]["lr"] for t in seen} == lrs  # only its own cell's trials
+
+
+def test_prompt_sets_are_answered_and_judged_against_each_opponent(interrupted_and_resumed):
+    """Every trial and its base model answered the prompt set (sampled, in storage); the judge
+    stage compared each trial with its cell's SFT trial and the base model, on both sides,
+    with alpaca_eval's statistics in judgements.parquet and its files under alpaca_eval/."""
+    run_dir = interrupted_and_resumed["run_dir"]
+    results = pq.read_table(run_dir / "results.parquet").to_pylist()
+    trials = {r["trial_id"]: r for r in results if r["method"] != "base"}
+    assert all(row["prompts.builtin.target_fidelity"] is not None for row in trials.values())
+    answers = list((run_dir / "eval").glob("*/*/sets/builtin/answers.parquet"))
+    assert len(answers) == 4 and all(pq.read_table(a).num_rows == 3 for a in answers)
+    base = list((run_dir.parent / "cache" / "eval" / "base").glob("*/sets/builtin/*.parquet"))
+    assert len(base) == 1
+    judgements = pq.read_table(run_dir / "judgements.parquet").to_pylist()
+    expected = {(t, o, side) for t, r in trials.items() for o in ("sft", "base")
+                for side in ("target", "english") if not (o == "sft" and r["method"] == "sft")}
+    assert {(j["trial_id"], j["opponent"], j["side"]) for j in judgements} == expected
+    for line in judgements:
+        assert line["prompt_set"] == "builtin" and line["n_items"] == 3 and line["failed"] == 0
+        judged = line["n_total"] or 0
+        assert judged + line["unparseable"] == 3
+    for trial_id, row in trials.items():
+        if row["method"] == "clo":
+            assert row["judge_n"] == 3  # the headline: against SFT, on the first prompt set
+            folder = run_dir / "alpaca_eval" / "builtin" / "target" / trial_id
+            outputs = json.loads((folder / "model_outputs.json").read_text())
+            assert len(outputs) == 3 and {"instruction", "output", "generator"} <= set(
+                outputs[0])
+            assert (folder / "vs-sft" / "reference_outputs.json").is_file()
+            assert (folder / "vs-base" / "reference_outputs.json").is_file()
+        else:
+            assert row["judge_n"] is None
 
 
 def test_the_resumed_search_is_the_uninterrupted_one(interrupted_and_resumed):
@@ -190,7 +234,7 @@ def test_resume_reruns_no_finished_trial_and_hits_the_caches(interrupted_and_res
 
 def test_a_changed_spec_under_the_same_run_name_is_refused(interrupted_and_resumed):
     tmp = interrupted_and_resumed["tmp"]
-    changed = write_spec(tmp, "changed.yaml", **{"evaluation.max_prompts": 3})
+    changed = write_spec(tmp, "changed.yaml", **PAPER_EVAL, **{"evaluation.max_prompts": 3})
     done = subprocess.run(sweep_command(changed), cwd=tmp, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2

@@ -312,3 +312,43 @@ def test_a_damaged_output_read_directly_names_the_fix(ray_session, tmp_path):
     with pytest.raises(CorruptFileError, match="checksum differs") as info:
         read_table(result.translations)
     assert str(path) in str(info.value) and "python -m clo_ray.translate" in str(info.value)
+
+
+# ---------------------------------------------------------------- prompt sets
+
+
+def test_an_english_prompt_set_is_translated_by_the_translate_stage(ray_session, tmp_path):
+    """A prompt set given only in English goes through the same stage and cache as the
+    training data (the paper translated AlpacaEval): here the spec's parallel translator
+    holds instructions only. A second preparation reads the cache and translates nothing."""
+    from clo_ray.eval.prompt_sets import load_prompt_set, prepare_prompt_sets, read_prompts
+    from clo_ray.spec.evaluation import PromptSetSpec
+
+    rows = [{"text": {"en": {"prompt": en}, "sw": {"prompt": sw}}} for en, sw in [
+        ("Explain why the sky looks blue on a clear day.",
+         "Eleza kwa nini anga huonekana kuwa la buluu siku isiyo na mawingu."),
+        ("Give me three tips for saving money every month.",
+         "Nipe vidokezo vitatu vya kuweka akiba ya pesa kila mwezi.")]]
+    translator = write_parallel(tmp_path / "instructions.jsonl", rows)
+    english = tmp_path / "alpaca.json"
+    english.write_text(json.dumps([{"instruction": r["text"]["en"]["prompt"],
+                                    "dataset": "mine"} for r in rows]))
+    spec = make_spec(tmp_path / "store", path=translator)
+    prompt_set = load_prompt_set(PromptSetSpec(name="alpaca", path=str(english)))
+    assert prompt_set.languages == ()
+    log = tmp_path / "calls.jsonl"
+    os.environ[stage.CALL_LOG_ENV] = str(log)
+    try:
+        prepared = prepare_prompt_sets(spec, [prompt_set])
+        sw = read_prompts(prepared["alpaca"]["sw"]).to_pylist()
+        assert [r["instruction"] for r in sw] == [r["text"]["sw"]["prompt"] for r in rows]
+        assert [r["instruction_en"] for r in sw] == [r["text"]["en"]["prompt"] for r in rows]
+        assert {r["dataset"] for r in sw} == {"mine"}
+        en = read_prompts(prepared["alpaca"]["en"]).to_pylist()
+        assert [r["instruction"] for r in en] == [r["instruction_en"] for r in sw]
+        translated = len(calls(log))
+        assert translated >= 1
+        assert prepare_prompt_sets(spec, [prompt_set]) == prepared
+        assert len(calls(log)) == translated  # the second time: all from the caches
+    finally:
+        os.environ.pop(stage.CALL_LOG_ENV, None)

@@ -23,6 +23,7 @@ import gc
 import importlib.util
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,6 +93,16 @@ def _prompt_budget(config: Any, max_new_tokens: int) -> int | None:
     return None if context is None else max(1, context - max_new_tokens)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding (CRPO: temperature 0.8). Seeded per call, so the same model, prompts
+    and seed give the same answers; None in a generator means greedy."""
+
+    temperature: float
+    top_p: float = 1.0
+    seed: int = 0
+
+
 class TransformersGenerator:
     """Batched greedy ``generate`` with left padding, on an already loaded model.
 
@@ -100,12 +111,13 @@ class TransformersGenerator:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_new_tokens: int, template: str,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, sampling: Sampling | None = None) -> None:
         if batch_size <= 0 or max_new_tokens <= 0:
             raise GenerationError(f"batch_size ({batch_size}) and max_new_tokens "
                                   f"({max_new_tokens}) must be positive")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.template, self.batch_size = max_new_tokens, template, batch_size
+        self.sampling = sampling
 
     def __call__(self, prompts: Sequence[str]) -> list[str]:
         import torch
@@ -120,6 +132,12 @@ class TransformersGenerator:
         answers: list[str] = [""] * len(encoded)
         was_training = self.model.training
         self.model.eval()
+        sample = self.sampling
+        decoding: dict[str, Any] = {"do_sample": False} if sample is None else {
+            "do_sample": True, "temperature": sample.temperature, "top_p": sample.top_p,
+            "top_k": 0}
+        if sample is not None:
+            torch.manual_seed(sample.seed)
         try:
             for begin in range(0, len(order), self.batch_size):
                 chunk = order[begin:begin + self.batch_size]
@@ -132,7 +150,7 @@ class TransformersGenerator:
                 with torch.no_grad():
                     out = self.model.generate(
                         input_ids=ids.to(device), attention_mask=mask.to(device),
-                        max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                        max_new_tokens=self.max_new_tokens, num_beams=1, **decoding,
                         pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
                 for row, i in enumerate(chunk):
                     answers[i] = decode_answer(self.tokenizer, out[row, width:].tolist())
@@ -152,14 +170,14 @@ class VllmGenerator:
     """
 
     def __init__(self, model_dir: str | Path, *, max_new_tokens: int, template: str,
-                 **engine_kwargs: Any) -> None:
+                 sampling: Sampling | None = None, **engine_kwargs: Any) -> None:
         import torch
         from transformers import AutoConfig, AutoTokenizer
         from vllm import LLM
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.config = AutoConfig.from_pretrained(model_dir)
-        self.max_new_tokens, self.template = max_new_tokens, template
+        self.max_new_tokens, self.template, self.sampling = max_new_tokens, template, sampling
         kwargs = {"dtype": "auto" if torch.cuda.is_available() else "float32", "seed": 0,
                   **engine_kwargs}
         self.llm: Any = LLM(model=str(model_dir), **kwargs)
@@ -172,8 +190,11 @@ class VllmGenerator:
         encoded = encode_prompts(self.tokenizer, prompts, self.template, max_prompt_tokens=budget)
         if not encoded:
             return []
+        sample = self.sampling
         params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens,
-                                detokenize=False)
+                                detokenize=False) if sample is None else SamplingParams(
+            temperature=sample.temperature, top_p=sample.top_p, seed=sample.seed,
+            max_tokens=self.max_new_tokens, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded],
                                     params, use_tqdm=False)
         return [decode_answer(self.tokenizer, out.outputs[0].token_ids) for out in outputs]
@@ -203,16 +224,17 @@ def load_model(model_dir: str | Path) -> tuple[Any, Any]:
 
 
 def load_generator(model_dir: str | Path, *, max_new_tokens: int, template: str,
-                   backend: Backend | str = "auto",
-                   batch_size: int = 8) -> TransformersGenerator | VllmGenerator:
+                   backend: Backend | str = "auto", batch_size: int = 8,
+                   sampling: Sampling | None = None) -> TransformersGenerator | VllmGenerator:
     """A greedy generator for ``model_dir`` on the backend :func:`resolve_backend` picks;
     call it with prompts, then ``close()`` it. ``batch_size`` applies to transformers (vLLM
     schedules its own batches)."""
     if resolve_backend(backend) == "vllm":
-        return VllmGenerator(model_dir, max_new_tokens=max_new_tokens, template=template)
+        return VllmGenerator(model_dir, max_new_tokens=max_new_tokens, template=template,
+                             sampling=sampling)
     model, tokenizer = load_model(model_dir)
     return TransformersGenerator(model, tokenizer, max_new_tokens=max_new_tokens,
-                                 template=template, batch_size=batch_size)
+                                 template=template, batch_size=batch_size, sampling=sampling)
 
 
 def generate_answers(model_dir: str | Path, prompts: Sequence[str], *, max_new_tokens: int,

@@ -30,7 +30,7 @@ from typing import Literal
 from clo_ray.eval.generate import Backend, TransformersGenerator, VllmGenerator, load_generator
 
 Verdict = Literal["A", "B", "tie"]
-JudgeGenerate = Callable[[list[str]], list[str]]
+JudgeGenerate = Callable[[list[str]], Sequence[str | None]]
 
 JUDGE_PROMPT = """You are an impartial judge. Compare two answers to the same question. \
 Decide which answer is more helpful, correct and clear for the person who asked. An answer \
@@ -130,7 +130,13 @@ def parse_verdict(text: str) -> Verdict | None:
 
 @dataclass(frozen=True)
 class JudgeResult:
-    """Counts per question (both orders combined; rule in the module docstring)."""
+    """Counts per question (both orders combined; rule in the module docstring).
+
+    ``outcomes[i]``: question i from the model's side, "win" / "loss" / "tie", "unparseable",
+    or "failed" when a judge call of either order got no reply (an endpoint that still
+    failed after its retries). Failed questions are left out of the rate like unparseable
+    ones, and counted apart: they say nothing about the answers.
+    """
 
     win_rate: float | None
     wins: int
@@ -138,12 +144,24 @@ class JudgeResult:
     ties: int
     unparseable: int
     n: int
+    failed: int = 0
+    outcomes: tuple[str, ...] = ()
+
+    def preferences(self) -> list[float]:
+        """alpaca_eval's preference of each judged question (1 opponent, 2 model, 1.5 tie)."""
+        return [{"win": 2.0, "loss": 1.0, "tie": 1.5}[o] for o in self.outcomes
+                if o in ("win", "loss", "tie")]
+
+    def judged_items(self) -> list[int]:
+        """Indices of the questions :meth:`preferences` covers, in the same order."""
+        return [i for i, o in enumerate(self.outcomes) if o in ("win", "loss", "tie")]
 
 
 def judge_pairwise(judge_generate: JudgeGenerate, prompts: Sequence[str],
                    answers: Sequence[str], opponent_answers: Sequence[str]) -> JudgeResult:
     """Win rate of ``answers`` over ``opponent_answers`` on ``prompts`` (one judge call with
-    2 N prompts: the model's answer as A, then as B)."""
+    2 N prompts: the model's answer as A, then as B). A judge may return None for a prompt
+    whose call failed (:class:`clo_ray.eval.judge_endpoint.EndpointJudge`)."""
     if not len(prompts) == len(answers) == len(opponent_answers):
         raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and "
                          f"{len(opponent_answers)} opponent answers: one of each per prompt")
@@ -156,21 +174,24 @@ def judge_pairwise(judge_generate: JudgeGenerate, prompts: Sequence[str],
     replies = judge_generate(asks)
     if len(replies) != 2 * n:
         raise ValueError(f"the judge returned {len(replies)} replies for {2 * n} prompts")
-    wins = losses = ties = unparseable = 0
+    outcomes = []
     for first, second in zip(replies[:n], replies[n:], strict=True):
+        if first is None or second is None:
+            outcomes.append("failed")
+            continue
         model_first = _outcome(parse_verdict(first), model_is="A")
         model_second = _outcome(parse_verdict(second), model_is="B")
         if model_first is None or model_second is None:
-            unparseable += 1
-        elif model_first == model_second == "win":
-            wins += 1
-        elif model_first == model_second == "loss":
-            losses += 1
+            outcomes.append("unparseable")
+        elif model_first == model_second:
+            outcomes.append(model_first)  # win + win, loss + loss, tie + tie
         else:
-            ties += 1
-    judged = wins + losses + ties
-    rate = (wins + 0.5 * ties) / judged if judged else None
-    return JudgeResult(rate, wins, losses, ties, unparseable, n)
+            outcomes.append("tie")
+    count = outcomes.count
+    judged = count("win") + count("loss") + count("tie")
+    rate = (count("win") + 0.5 * count("tie")) / judged if judged else None
+    return JudgeResult(rate, count("win"), count("loss"), count("tie"), count("unparseable"),
+                       n, count("failed"), tuple(outcomes))
 
 
 def _outcome(verdict: Verdict | None, *, model_is: Literal["A", "B"]) -> str | None:

@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from clo_ray import checked, storage
+from clo_ray.benchmarks import benchmark_tasks
 from clo_ray.errors import CloRayError
-from clo_ray.spec.evaluation import LmEvalSection
+from clo_ray.spec.evaluation import EvaluationSection, LmEvalSection
 from clo_ray.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,28 @@ def run_lm_eval(model_dir: str | Path, section: LmEvalSection, *,
         checked.write_fingerprinted(storage.join(cache_uri, LM_EVAL_FILE), fingerprint,
                                     asdict(result), storage_options)
     return result
+
+
+def run_benchmarks(model_dir: str | Path, evaluation: EvaluationSection, language: str, *,
+                   cache_uri: str, model_key: str, storage_options: StorageOptions = None
+                   ) -> dict[str, float]:
+    """``evaluation.benchmarks`` in ``language`` and English: one lm-eval run per number of
+    shots (MMMLU 0, BELEBELE 1), each cached in its own folder. Returns every task's
+    ``lm_eval.*`` metrics plus ``benchmark.<name>`` (the target-language task's main metric)
+    and ``benchmark.<name>.en`` (English's), so tables and objectives can name a benchmark
+    whatever the language."""
+    tasks = benchmark_tasks(evaluation.benchmarks, language, evaluation.benchmark_shots)
+    metrics: dict[str, float] = {}
+    for shots in sorted({t.shots for t in tasks}):
+        names = list(dict.fromkeys(t.task for t in tasks if t.shots == shots))
+        section = evaluation.lm_eval.model_copy(update={"tasks": names, "num_fewshot": shots})
+        metrics.update(run_lm_eval(model_dir, section, model_key=model_key,
+                                   cache_uri=storage.join(cache_uri, f"benchmarks-{shots}shot"),
+                                   storage_options=storage_options).metrics)
+    for task in tasks:
+        side = "" if task.language == language else ".en"
+        metrics[f"benchmark.{task.benchmark}{side}"] = metrics[metric_name(task.task)]
+    return metrics
 
 
 def flatten_results(raw: Mapping[str, Any], tasks: Sequence[str], *,

@@ -12,6 +12,8 @@ import tempfile
 from typing import Any
 
 from clo_ray.data.pairs import read_pairs
+from clo_ray.eval.prompt_sets import PreparedSets
+from clo_ray.eval.set_answers import answer_prompt_sets
 from clo_ray.layout import RunLayout
 from clo_ray.ray_env import trial_resources, worker_env
 from clo_ray.report.schema import BASE_METRICS
@@ -50,14 +52,16 @@ def _evaluate_with_threads(*args: Any, **kwargs: Any) -> dict[str, float]:
 
 
 def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, eval_uri: str,
-                   *, beta: float) -> dict[str, float]:
+                   *, beta: float, prompt_sets: PreparedSets | None = None) -> dict[str, float]:
     """Evaluate a trial's checkpoint against the base model's held-out log-probs.
 
     The base model is evaluated once per (model, language, held-out set) and cached in
     storage: its answers are the untrained reference line of the report and its held-out
     log-probs are the reference of the CLO preference metrics. The trial's own evaluation
-    (its answers: the judge stage's input) is kept in ``RunLayout.trial_eval``, and the
-    ``evaluation.lm_eval`` tasks run on the exported model when any are named.
+    (its answers: the judge stage's input) is kept in ``RunLayout.trial_eval``. Both models
+    answer the prompt sets (``prompt_sets``: the driver's prepared tables,
+    :mod:`clo_ray.eval.set_answers`), and the ``evaluation.lm_eval`` tasks and
+    ``evaluation.benchmarks`` run on the exported model when any are named.
     """
     from clo_ray.eval.evaluate import (
         EvalSettings,
@@ -78,21 +82,33 @@ def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, 
     held_out = eval_uri.rsplit("/", 1)[-1].split(".")[0]
     layout = RunLayout.of(spec)
     base_cache = layout.base_eval(model, language, held_out)
-    base = evaluate_model(resolve_model(model), rows, settings, cache_uri=base_cache,
-                          model_key=model)
-    trial_uri, lm_eval = layout.trial_eval(checkpoint.path), spec.evaluation.lm_eval
+    base_dir = resolve_model(model)
+    base = evaluate_model(base_dir, rows, settings, cache_uri=base_cache, model_key=model)
+    evaluation = spec.evaluation
+    if evaluation.prompt_sets and prompt_sets:
+        answer_prompt_sets(base_dir, evaluation, prompt_sets, language, settings.template,
+                           eval_uri=base_cache, model_key=model, storage_options=options)
+    trial_uri, lm_eval = layout.trial_eval(checkpoint.path), evaluation.lm_eval
     with checkpoint.as_directory() as directory, \
             tempfile.TemporaryDirectory(prefix="clo-export-") as exported:
         export_model(directory, exported)
         trained = evaluate_model(exported, rows, settings, model_key=checkpoint.path,
                                  reference_logps=base["heldout_logps"], cache_uri=trial_uri)
-        if lm_eval.enabled:
-            from clo_ray.eval.lm_eval import run_lm_eval
+        if evaluation.prompt_sets and prompt_sets:
+            trained.update(answer_prompt_sets(exported, evaluation, prompt_sets, language,
+                                              settings.template, eval_uri=trial_uri,
+                                              model_key=checkpoint.path,
+                                              storage_options=options))
+        if lm_eval.enabled or evaluation.benchmarks:
+            from clo_ray.eval.lm_eval import run_benchmarks, run_lm_eval
 
-            trained.update(run_lm_eval(exported, lm_eval, cache_uri=trial_uri,
-                                       model_key=checkpoint.path,
-                                       storage_options=options).metrics)
-            trained["objective"] = objective_or_none(trained, spec.evaluation.objective.weights)
+            if lm_eval.enabled:
+                trained.update(run_lm_eval(exported, lm_eval, cache_uri=trial_uri,
+                                           model_key=checkpoint.path,
+                                           storage_options=options).metrics)
+            trained.update(run_benchmarks(exported, evaluation, language, cache_uri=trial_uri,
+                                          model_key=checkpoint.path, storage_options=options))
+            trained["objective"] = objective_or_none(trained, evaluation.objective.weights)
     link_base(trial_uri, base_cache, options)
     out = scalar_metrics(trained)
     out.update({f"base_{k}": v for k, v in scalar_metrics(base).items() if k in BASE_METRICS})

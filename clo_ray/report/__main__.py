@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 if m.strip()])
         if args.no_plots:
             options = replace(options, plots=False)
-        files = build_report(load_results(args.run_dir), args.out or args.run_dir, options)
+        files = build_report(load_results(args.run_dir), args.out or args.run_dir, options,
+                             judgements=RunLayout.of_run_dir(args.run_dir).read_judgements())
     except CloRayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from clo_ray import storage
 from clo_ray.report.markdown import render_markdown
+from clo_ray.report.paper_tables import benchmark_table, judge_curves, main_table
 from clo_ray.report.results import Results
 from clo_ray.report.schema import DEFAULT_METRICS, ResultsError, validate_results
 
@@ -59,6 +60,8 @@ class ReportOptions:
     plots: bool = True
     formats: Sequence[str] = ("md", "parquet")
     title: str = ""
+    prompt_set: str = "heldout"  # the judged prompt set the paper's table shows
+    benchmarks: Sequence[str] = ()
 
     @classmethod
     def of(cls, spec: SweepSpec) -> ReportOptions:
@@ -66,14 +69,17 @@ class ReportOptions:
         return cls(metrics=spec.report.metrics or None, mode=spec.search.mode,
                    rank_by=spec.search.metric, multi_objective=spec.search.multi_objective,
                    plots=spec.report.plots, formats=tuple(spec.report.formats),
-                   title=spec.run.name)
+                   title=spec.run.name, prompt_set=spec.evaluation.judged_sets()[0],
+                   benchmarks=tuple(spec.evaluation.benchmarks))
 
 
 def build_report(results: pa.Table, out_dir: str, options: ReportOptions = ReportOptions(),
-                 storage_options: storage.StorageOptions = None) -> ReportFiles:
+                 storage_options: storage.StorageOptions = None, *,
+                 judgements: pa.Table | None = None) -> ReportFiles:
     """Write report.md, best_trials.parquet and the PNGs to ``out_dir``; return their URIs.
 
-    Every file is written atomically, so a reader never sees half a report.
+    ``judgements``: the judge stage's judgements.parquet (the paper's main table and its
+    data-size curves). Every file is written atomically, so a reader never sees half a report.
     """
     mode, formats, plots = options.mode, options.formats, options.plots
     if mode not in ("max", "min"):
@@ -90,10 +96,15 @@ def build_report(results: pa.Table, out_dir: str, options: ReportOptions = Repor
                 pa.types.is_null(kind)):
             raise ResultsError(f"metric {metric!r} is a {kind} column, not a number")
     files, names = ReportFiles(), []
+    judged = judgements.to_pylist() if judgements is not None else []
     if plots:
         from clo_ray.report.plots import draw_plots
 
-        for name, png in draw_plots(res, chosen, multi_objective=options.multi_objective):
+        drawn = draw_plots(res, chosen, multi_objective=options.multi_objective)
+        curves = judge_curves(res, judged, options.prompt_set)
+        if curves is not None:
+            drawn.insert(0, ("judge_win_rate_vs_sft_largest.png", curves))
+        for name, png in drawn:
             files.plots.append(storage.join(out_dir, name))
             storage.write_bytes_atomic(files.plots[-1], png, storage_options)
             names.append(name)
@@ -102,9 +113,11 @@ def build_report(results: pa.Table, out_dir: str, options: ReportOptions = Repor
         storage.write_parquet_atomic(files.tables, best_trials_table(res), storage_options)
     if "md" in formats:
         files.markdown = storage.join(out_dir, "report.md")
+        paper = main_table(res, judged, options.prompt_set) + benchmark_table(
+            res, options.benchmarks)
         text = render_markdown(res, chosen, title=options.title,
                                multi_objective=options.multi_objective,
-                               plot_names=names)
+                               plot_names=names, paper_sections=paper)
         storage.write_bytes_atomic(files.markdown, text.encode("utf-8"), storage_options)
     return files
 

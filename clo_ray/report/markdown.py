@@ -49,8 +49,11 @@ def _cell_text(res: Results, metric: str, model: str, language: str,
 
 
 def render_markdown(res: Results, metrics: Sequence[str], *, title: str = "",
-                    multi_objective: bool = False, plot_names: Sequence[str] = ()) -> str:
-    """The whole report.md: header, paper-style tables, budgets, Pareto, configs, trials, notes."""
+                    multi_objective: bool = False, plot_names: Sequence[str] = (),
+                    paper_sections: Sequence[str] = ()) -> str:
+    """The whole report.md: header, the paper's tables (``paper_sections``: markdown lines
+    from :mod:`clo_ray.report.paper_tables`), the per-metric tables, budgets, Pareto,
+    configs, trials, notes."""
     runs = ", ".join(dict.fromkeys(r["run"] for r in res.rows)) or "(none)"
     trials = [r for r in res.rows if r["method"] != BASE_METHOD]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -64,6 +67,7 @@ def render_markdown(res: Results, metrics: Sequence[str], *, title: str = "",
            f"- each value is the best trial of its cell by `{res.rank_by}` "
            f"({metric_mode(res.rank_by, res.rank_by, res.mode)}); failed trials are not ranked",
            ""]
+    out += list(paper_sections)
     notes: list[str] = []
     widest = max(res.budgets(), default=None)
     legend = " / ".join(method_label(m) for m in res.methods) or "(no trained method)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -124,10 +125,17 @@ def _figure(res: Results, metric: str, panel: PanelDraw, title: str) -> bytes:
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside lower center",
                    ncol=len(handles), fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(fit_title(title, 0.6 + 3.6 * ncols), fontsize=10)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
+
+
+def fit_title(title: str, width_in: float, fontsize: float = 10) -> str:
+    """``title`` wrapped to lines that fit a figure ``width_in`` inches wide (an average
+    character is ~0.55 em), so no title is cut at the figure's edges."""
+    chars = max(20, int(width_in * 72 / (0.55 * fontsize)) - 4)
+    return "\n".join(textwrap.wrap(title, chars)) or title
 
 
 def _color(res: Results, method: str) -> str:

@@ -66,8 +66,9 @@ RESULTS_SCHEMA = pa.schema(
 # one ``base`` row per (model, language) in results.parquet.
 BASE_METRICS = ("target_fidelity", "english_retention", "target_nll", "english_nll")
 # Metrics a trial reports beyond METRIC_COLUMNS that results.parquet keeps, by name prefix:
-# lm-eval's (clo_ray.eval.lm_eval: ``lm_eval.<task>``, ``lm_eval.<task>.<metric>``).
-EXTRA_METRIC_PREFIXES = ("lm_eval.",)
+# lm-eval's (clo_ray.eval.lm_eval: ``lm_eval.<task>``, ``lm_eval.<task>.<metric>``, and
+# ``benchmark.<name>[.en]``) and the prompt sets' (``prompts.<set>.target_fidelity``, ...).
+EXTRA_METRIC_PREFIXES = ("lm_eval.", "benchmark.", "prompts.")
 
 
 def extra_metric_names(names: Iterable[str]) -> list[str]:

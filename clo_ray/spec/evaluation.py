@@ -6,11 +6,15 @@ also reported during training (for early stopping, see :mod:`clo_ray.spec.search
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from clo_ray.spec.sections import Problems, Section, model_ref_kind, problem
+from clo_ray.benchmarks import BENCHMARKS
+from clo_ray.spec.sections import Problems, Section, check_slug, model_ref_kind, problem
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # ------------------------------------------------------------------------------ metrics
 
@@ -35,21 +39,79 @@ TRAINING_METRICS = ("train_loss", "target_nll", "english_nll", "preference_accur
 # ------------------------------------------------------------------------------ evaluation
 
 
+class JudgeEndpoint(Section):
+    """An OpenAI-compatible chat endpoint serving the judge (``vllm serve``, a hosted API).
+
+    ``base_url`` / ``model`` are given directly or through the NAME of an environment
+    variable (``base_url_env``, ``model_env``), so one spec serves every cluster. The key
+    is only ever named (``api_key_env``): it never enters the spec, logs or storage.
+    """
+
+    base_url: str | None = None
+    base_url_env: str | None = None
+    model: str | None = None
+    model_env: str | None = None
+    api_key_env: str | None = None  # None: no key (a local vllm serve)
+    max_concurrency: int = Field(8, gt=0)
+    max_retries: int = Field(4, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> JudgeEndpoint:
+        found = Problems()
+        for field in ("base_url", "model"):
+            given = [f for f in (field, f"{field}_env") if getattr(self, f) is not None]
+            if len(given) != 1:
+                found.add((field,), f"set exactly one of {field} and {field}_env",
+                          value=[getattr(self, f) for f in given] or None)
+        for field in ("base_url_env", "model_env", "api_key_env"):
+            name = getattr(self, field)
+            if name is not None and not _ENV_NAME.match(name):
+                found.add((field,), "the NAME of an environment variable, not its value",
+                          allowed=["[A-Za-z_][A-Za-z0-9_]*"], value=name)
+        found.raise_if_any()
+        return self
+
+
+OPPONENTS = ("sft", "sft_largest", "base")
+
+
 class JudgeSection(Section):
     """LLM-as-judge pairwise win rate, as the paper's AlpacaEval-style evaluation (opt-in).
 
-    Judged after the tune stage (:mod:`clo_ray.eval.judge_stage`), once for all trials: the
-    opponent (the best SFT trial of the same model, language and budget, or the base model)
-    may finish after the trial it is compared with, and one judge load serves every pair.
-    So Optuna never sees judge metrics while it searches, and an objective that weights them
-    is completed in results.parquet by that stage.
+    Judged after the tune stage (:mod:`clo_ray.eval.judge_stage`), once for all trials: an
+    opponent may finish after the trial it is compared with, and one judge serves every
+    pair. So Optuna never sees judge metrics while it searches, and an objective that
+    weights them is completed in results.parquet by that stage.
+
+    ``opponents``: ``sft`` (the best SFT trial of the same model, language and budget: the
+    paper's table), ``sft_largest`` (SFT at the largest budget: the paper's data-size
+    curves), ``base`` (the untrained model). The first is the headline (results.parquet's
+    ``judge_win_rate``); every comparison is in judgements.parquet. ``prompt_sets``: which
+    prompt sets are judged (names from ``evaluation.prompt_sets``, ``heldout`` for the
+    held-out pairs; default: every prompt set, else the held-out pairs).
     """
 
     enabled: bool = False
-    model: str | None = None  # the judge model; required when enabled
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
-    opponent: Literal["sft", "base"] = "sft"  # the paper: win rate against the SFT model
+    model: str | None = None  # a local judge model (backend auto / vllm / transformers)
+    backend: Literal["auto", "vllm", "transformers", "endpoint"] = "auto"
+    endpoint: JudgeEndpoint | None = None  # backend "endpoint"
+    opponents: list[Literal["sft", "sft_largest", "base"]] = ["sft"]
+    prompt_sets: list[str] | None = None
     max_new_tokens: int = Field(512, gt=0)
+    bootstrap: int = Field(200, ge=0)  # resamples for the length-controlled rate's interval
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_opponent(cls, data: Any) -> Any:
+        """``opponent: sft`` (one opponent, the spelling before ``opponents``) still reads."""
+        if isinstance(data, dict) and "opponent" in data:
+            data = dict(data)
+            if "opponents" in data:
+                raise problem("give opponents only (opponent is its old one-value spelling)",
+                              where="opponent", value=data["opponent"])
+            data["opponents"] = [data.pop("opponent")]
+        return data
 
     @field_validator("model")
     @classmethod
@@ -58,10 +120,22 @@ class JudgeSection(Section):
             model_ref_kind(value)
         return value
 
+    @field_validator("opponents")
+    @classmethod
+    def _opponents(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise problem("one or more opponents, each once", allowed=list(OPPONENTS))
+        return value
+
     @model_validator(mode="after")
     def _needs_model(self) -> JudgeSection:
-        if self.enabled and self.model is None:
-            raise problem("required when the judge is enabled", where="model", value=None)
+        if not self.enabled:
+            return self
+        if self.backend == "endpoint" and self.endpoint is None:
+            raise problem("required with backend endpoint", where="endpoint", value=None)
+        if self.backend != "endpoint" and self.model is None:
+            raise problem("required when the judge is enabled (or use backend: endpoint)",
+                          where="model", value=None)
         return self
 
 
@@ -113,21 +187,91 @@ class ObjectiveSection(Section):
     weights: dict[str, float] = {"target_fidelity": 1.0, "english_retention": 0.5}
 
 
+class GenerationSpec(Section):
+    """How answers to a prompt set are generated: greedy (``temperature: 0``, reproducible:
+    what language fidelity wants) or sampled (CRPO: temperature 0.8), seeded."""
+
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    max_new_tokens: int | None = Field(None, gt=0)  # None: evaluation.max_new_tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+PROMPT_SET_FORMATS = ("auto", "alpaca_eval", "parallel", "parquet")
+BUILTIN_PROMPTS = "builtin:eval-prompts"
+
+
+class PromptSetSpec(Section):
+    """A set of instructions every trial answers (besides the held-out pairs), e.g.
+    AlpacaEval's 805, judged against each trial's opponents.
+
+    ``path``: an alpaca_eval file (JSON list or JSONL of ``{"instruction", "dataset"?}``),
+    a parallel file (``text.<lang>.prompt``), a parquet table with an ``instruction``
+    column, or ``builtin:eval-prompts`` (120 instructions written for clo-ray, in English
+    and the six paper languages). Languages the file lacks are translated by the spec's
+    translator through the translate stage and its cache (the paper translated AlpacaEval).
+    """
+
+    name: str
+    path: str
+    format: Literal["auto", "alpaca_eval", "parallel", "parquet"] = "auto"
+    max_prompts: int | None = Field(None, gt=0)  # the first N (None: all)
+    generation: GenerationSpec = GenerationSpec()
+    english: bool = True  # also answer the English instructions (English retention)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value == "heldout":
+            raise problem("reserved for the held-out pairs", value=value)
+        return check_slug(value)
+
+
 class EvaluationSection(Section):
-    """Evaluation of every trial on pairs held out of every budget (never trained on)."""
+    """Evaluation of every trial on pairs held out of every budget (never trained on), on
+    the prompt sets, and on the benchmarks."""
 
     holdout: int = Field(100, ge=1)  # pairs set aside before budgets are drawn
     max_prompts: int = Field(50, gt=0)  # held-out prompts generated from, per language
     max_new_tokens: int = Field(256, gt=0)
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     langid_threshold: float = Field(0.5, ge=0, le=1)
+    prompt_sets: list[PromptSetSpec] = []
     judge: JudgeSection = JudgeSection()
     lm_eval: LmEvalSection = LmEvalSection()
+    # Benchmarks by name (clo_ray.benchmarks): each trial runs its language's task and the
+    # English one; shots per benchmark (default: CRPO's). lm_eval's settings (limit,
+    # batch_size, include_path) apply.
+    benchmarks: list[str] = []
+    benchmark_shots: dict[str, int] = {}
     objective: ObjectiveSection = ObjectiveSection()
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks(cls, value: list[str]) -> list[str]:
+        found = Problems()
+        for i, name in enumerate(value):
+            if name not in BENCHMARKS:
+                found.add((i,), "unknown benchmark", allowed=sorted(BENCHMARKS), value=name)
+            elif name in value[:i]:
+                found.add((i,), "listed twice", value=name)
+        found.raise_if_any()
+        return value
+
+    def judged_sets(self) -> list[str]:
+        """The prompt sets the judge compares (``heldout``: the held-out pairs)."""
+        if self.judge.prompt_sets is not None:
+            return list(self.judge.prompt_sets)
+        return [p.name for p in self.prompt_sets] or ["heldout"]
 
     def metric_names(self) -> list[str]:
         """Metrics this evaluation produces (judge ones only with the judge enabled)."""
         names = [m for m in METRICS if self.judge.enabled or m not in JUDGE_METRICS]
+        names += [f"benchmark.{b}{side}" for b in self.benchmarks for side in ("", ".en")]
         return names + [f"lm_eval.{task}" for task in self.lm_eval.tasks]
 
     @model_validator(mode="after")
@@ -141,6 +285,20 @@ class EvaluationSection(Section):
                           "the task in lm_eval.tasks)", allowed=known, value=name)
         if not any(weights.values()):
             found.add(("objective", "weights"), "needs a non-zero weight", value=weights)
+        names = [p.name for p in self.prompt_sets]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                found.add(("prompt_sets", i, "name"), "listed twice", value=name)
+        for i, name in enumerate(self.judge.prompt_sets or []):
+            if name not in ["heldout", *names]:
+                found.add(("judge", "prompt_sets", i), "not a prompt set of this evaluation",
+                          allowed=["heldout", *names], value=name)
+        for name, shots in self.benchmark_shots.items():
+            if name not in self.benchmarks:
+                found.add(("benchmark_shots", name), "not in evaluation.benchmarks",
+                          allowed=list(self.benchmarks), value=name)
+            elif shots < 0:
+                found.add(("benchmark_shots", name), "a number of examples, >= 0", value=shots)
         found.raise_if_any()
         return self
 

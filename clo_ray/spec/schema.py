@@ -29,6 +29,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
+from clo_ray.benchmarks import BENCHMARKS
 from clo_ray.errors import SpecError
 from clo_ray.languages import LANGUAGES
 
@@ -148,6 +149,12 @@ class SweepSpec(Section):
             if metric.endswith("_nll") and mode == "max":
                 found.add(where, f"{metric} is a loss (lower is better)", allowed=["min"],
                           value=mode)
+        for i, name in enumerate(self.evaluation.benchmarks):
+            tasks = BENCHMARKS[name].tasks if name in BENCHMARKS else {}
+            for code in [*self.languages, "en"]:
+                if tasks and code not in tasks:
+                    found.add(("evaluation", "benchmarks", i), f"has no lm-eval task for "
+                              f"language {code!r}", allowed=sorted(tasks), value=name)
         if self.corpus.max_rows is not None:
             _check_budgets_fit(self, self.corpus.max_rows, "corpus.max_rows", found)
         found.raise_if_any()

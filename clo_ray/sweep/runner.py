@@ -73,6 +73,7 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
 
     from clo_ray.data.corpus import load_corpus
     from clo_ray.data.pairs import prepare_sweep_pairs
+    from clo_ray.eval.prompt_sets import load_sweep_prompt_sets, prepare_prompt_sets
     from clo_ray.ray_env import driver_runtime_env, start_ray
     from clo_ray.report.build import ReportOptions, build_report
     from clo_ray.report.schema import load_results, results_table
@@ -85,6 +86,7 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
                          source_language=spec.corpus.source_language,
                          max_rows=spec.corpus.max_rows, storage_options=layout.options)
     check_corpus_size(spec, len(corpus), spec.corpus.path)  # before anything expensive
+    prompt_sets = load_sweep_prompt_sets(spec)  # checked before anything expensive too
     claim_run(spec)
     if only in (None, "translate", "pairs", "tune") and not ray.is_initialized():
         print(start_ray(driver_runtime_env(), address), flush=True)
@@ -98,7 +100,9 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
         logger.info("pairs: %d data set(s) under %s", len(pairs), layout.pairs)
     grid, outcome = None, None
     if only in (None, "tune"):
-        grid = build_tuner(spec, pairs=pairs, placement_timeout_s=placement_timeout_s).fit()
+        prepared = prepare_prompt_sets(spec, prompt_sets)
+        grid = build_tuner(spec, pairs=pairs, prompt_sets=prepared,
+                           placement_timeout_s=placement_timeout_s).fit()
         outcome = tune_outcome(grid, planned_trials(spec))
         if outcome.interrupted:  # a partial experiment is not a result: no table, no report
             raise SweepInterrupted(f"{outcome.summary()} under {layout.tune}")
@@ -109,7 +113,8 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
         run_judge_stage(spec)
     if only in (None, "report"):
         files = build_report(load_results(layout.results, layout.options), layout.uri,
-                             ReportOptions.of(spec), layout.options)
+                             ReportOptions.of(spec), layout.options,
+                             judgements=layout.read_judgements())
         print(f"report: {files.markdown}")
     if outcome is not None and outcome.failed and not allow_failed_trials:
         raise TrialsFailed(outcome, grid)

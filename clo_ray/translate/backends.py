@@ -126,20 +126,25 @@ def read_parallel(path: str, source: str, languages: Sequence[str],
         try:
             text = json.loads(line)["text"]
             en = text[source]
-            key = content_id(en["prompt"], en["response"])
+            # A row without a response is an instruction (a prompt set's, e.g. the bundled
+            # eval prompts): its "response" is empty on every side.
+            prompt_only = "response" not in en
+            key = content_id(en["prompt"], en.get("response", ""))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise TranslationError(f"translator.path {path} line {number}: not a parallel row "
                                    f"with text.{source}.prompt/response ({exc!r})") from None
         sides = {lang: text.get(lang) for lang in languages}
         lookup.setdefault(key, {lang: (normalise_text(side["prompt"]),
-                                       normalise_text(side["response"]))
-                                for lang, side in sides.items() if _is_pair(side)})
+                                       normalise_text(side.get("response", "")))
+                                for lang, side in sides.items()
+                                if _is_pair(side, prompt_only=prompt_only)})
     return lookup, fingerprint
 
 
-def _is_pair(side: Any) -> bool:
+def _is_pair(side: Any, *, prompt_only: bool = False) -> bool:
+    fields = FIELDS[:1] if prompt_only else FIELDS
     return (isinstance(side, dict) and all(isinstance(side.get(k), str) and side[k].strip()
-                                           for k in FIELDS))
+                                           for k in fields))
 
 
 def check_parallel(lookup: Lookup, ids: Sequence[str], sources: Sequence[str],

@@ -344,6 +344,7 @@ class _Rows:
                 segs, done = self.segments[index][f], [p or "" for p in parts]
                 text, lost = reassemble(segs, done), missing_spans(segs, done)
             out[f"{f}_en"], out[f] = source, text
-            reasons.update(check_translation(source, text, lang, config, lost_spans=lost))
+            if source.strip():  # an instruction without a response (a prompt set's row)
+                reasons.update(check_translation(source, text, lang, config, lost_spans=lost))
         out["reasons"] = [r for r in REASONS if r in reasons]
         return out

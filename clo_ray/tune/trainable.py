@@ -30,10 +30,12 @@ def trial_run_name(config: Mapping[str, Any]) -> str:
 
 def run_trial(config: dict[str, Any], spec_data: dict[str, Any],
               pairs: Mapping[str, PreparedPairs],
-              placement_timeout_s: float | None = None) -> None:
+              placement_timeout_s: float | None = None,
+              prompt_sets: Mapping[str, Mapping[str, str]] | None = None) -> None:
     """One trial: train the cell's model with the sampled params, evaluate, report.
 
-    ``pairs``: the pairs stage's data sets by :func:`clo_ray.data.pairs.pairs_key`.
+    ``pairs``: the pairs stage's data sets by :func:`clo_ray.data.pairs.pairs_key`;
+    ``prompt_sets``: the prepared prompt sets (set name -> language -> table URI).
     """
     import ray
     from ray import tune
@@ -61,7 +63,8 @@ def run_trial(config: dict[str, Any], spec_data: dict[str, Any],
     train_seconds = time.perf_counter() - started
     beta = preference_beta(method_stages(spec, cell.method, params))
     metrics = ray.get(evaluation_task(spec).remote(
-        spec, model, data.languages[0], result.checkpoint, data.eval_uri, beta=beta))
+        spec, model, data.languages[0], result.checkpoint, data.eval_uri, beta=beta,
+        prompt_sets=prompt_sets))
     tune.report({**metrics, "train_seconds": train_seconds,
                  "train_tokens": result.metrics.get("tokens_total"),
                  "checkpoint": result.checkpoint.path, "trial_done": True})

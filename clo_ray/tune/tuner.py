@@ -57,13 +57,16 @@ def planned_trials(spec: SweepSpec) -> int:
 
 
 def build_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = None,
+                prompt_sets: Mapping[str, Mapping[str, str]] | None = None,
                 restore: bool = True, placement_timeout_s: float | None = None) -> Any:
     """The sweep's ``ray.tune.Tuner``; restored (finished trials kept) when it exists.
 
     ``pairs``: the pairs stage's output (:func:`clo_ray.data.pairs.prepare_sweep_pairs`);
     without it, the translate and pairs stages run here first (cached: a re-run reads them).
-    ``placement_timeout_s``: how long a trial's train workers may wait to be placed
-    (default :data:`clo_ray.train.trainer.DEFAULT_PLACEMENT_TIMEOUT_S`).
+    ``prompt_sets``: the prepared prompt sets
+    (:func:`clo_ray.eval.prompt_sets.prepare_prompt_sets`; without them, prepared here when
+    the spec names any). ``placement_timeout_s``: how long a trial's train workers may wait
+    to be placed (default :data:`clo_ray.train.trainer.DEFAULT_PLACEMENT_TIMEOUT_S`).
     """
     from ray import tune
 
@@ -72,11 +75,16 @@ def build_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = 
         from clo_ray.translate.stage import load_translations
 
         pairs = prepare_sweep_pairs(spec, load_translations(spec))
+    if prompt_sets is None and spec.evaluation.prompt_sets:
+        from clo_ray.eval.prompt_sets import load_sweep_prompt_sets, prepare_prompt_sets
+
+        prompt_sets = prepare_prompt_sets(spec, load_sweep_prompt_sets(spec))
     keep_credentials_out_of_ray_logs()
     metrics, modes = searcher_metrics(spec)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_data=spec.model_dump(mode="json", by_alias=True),
-                             pairs=dict(pairs), placement_timeout_s=placement_timeout_s),
+                             pairs=dict(pairs), placement_timeout_s=placement_timeout_s,
+                             prompt_sets={k: dict(v) for k, v in (prompt_sets or {}).items()}),
         trial_resources(spec))
     layout = RunLayout.of(spec)
     filesystem, fs_path = storage.resolve(layout.tune, layout.options)
