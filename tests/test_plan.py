@@ -144,3 +144,16 @@ def test_plan_reads_a_local_corpus_and_checks_its_size(tmp_path: Path):
     with pytest.raises(SpecError, match=r"budgets\[1\]: 60 training pairs \+ evaluation.holdout "
                                         r"100 = 160 exceed the 150 rows of corpus .*corpus.jsonl"):
         build_plan(load_spec(data | {"budgets": [16, 60]}))
+
+
+def test_paper_plan_counts_its_evaluation(paper_plan):
+    """paper.yaml's evaluation is the paper's: AlpacaEval (805 when not fetched yet) in 6
+    languages + English, judged against SFT and SFT at the largest budget, 2 benchmarks."""
+    text = "\n".join(paper_plan.evaluation)
+    assert "generations: 1,810 per evaluated model (200 held-out prompts, 1,610 prompt-set" in text
+    assert "1,080 trials + 30 base models" in text
+    assert "805 instructions translated into zh, de, ko, id, sw, yo" in text
+    # sft: 720 non-SFT trials; sft_largest: 1,080 - 60 SFT trials at 6,400 pairs
+    assert "judge calls: 5,602,800 = 1,740 comparisons (sft, sft_largest) x 1,610 items" in text
+    assert "benchmark tasks: 4 lm-eval tasks per trial" in text
+    assert "evaluation (counts" in format_plan(paper_plan)

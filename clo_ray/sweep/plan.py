@@ -32,6 +32,7 @@ from clo_ray.languages import LANGUAGES
 from clo_ray.layout import RunLayout
 from clo_ray.spec.grid import Cell, model_label
 from clo_ray.spec.schema import SweepSpec, check_corpus_size, spec_hash
+from clo_ray.sweep.eval_plan import evaluation_cost
 
 DEFAULT_ENGLISH_TOKENS = 400.0  # English prompt + response tokens of an oasst1-like pair
 CHARS_PER_TOKEN = 4.0  # English characters per token, the usual rule of thumb
@@ -88,6 +89,7 @@ class Plan:
     assumptions: tuple[str, ...]
     corpus_rows: int | None  # None: not readable here (the size check was skipped)
     unknown_sizes: tuple[str, ...] = field(default=())  # model labels without a size
+    evaluation: tuple[str, ...] = field(default=())  # the evaluation's cost (eval_plan)
 
     @property
     def total_trials(self) -> int:
@@ -231,14 +233,15 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
            f" ({CPU_TFLOPS_PER_CORE:g} per CPU core)")
         + f" x {res.workers_per_trial} workers; {unit}-hours = wall hours x {devices:g} "
         f"{unit}s per trial",
-        "not included: translation, evaluation, search-space variation (stages as configured; "
-        "several schedules: the most expensive), retries",
+        "not included in GPU-hours: translation, evaluation (counted below), search-space "
+        "variation (stages as configured; several schedules: the most expensive), retries",
     )
     return Plan(spec.run.name, spec_hash(spec), RunLayout.of(spec).uri,
                 tuple(model_label(m) for m in spec.models), tuple(spec.languages),
                 tuple(m.name for m in spec.methods), tuple(spec.budgets), trials, unit,
                 tuple(cells), assumptions, rows,
-                tuple(label for label, p in params.items() if p is None))
+                tuple(label for label, p in params.items() if p is None),
+                tuple(evaluation_cost(spec)))
 
 
 # ------------------------------------------------------------------------------ printing
@@ -306,5 +309,8 @@ def format_plan(plan: Plan) -> str:
         f"{max((c.stages for c in plan.cells), default=0)} stages per trial at most",
         f"total compute: {_hours(plan.total_hours)} {plan.device}-hours "
         f"({_hours(plan.total_hours / 24)} {plan.device}-days)",
+        "",
+        "evaluation (counts; not in the hours above):",
+        *(f"  {line}" for line in plan.evaluation),
     ]
     return "\n".join(lines)
