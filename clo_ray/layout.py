@@ -10,6 +10,7 @@ Every stage reads its inputs and writes its outputs under two roots, local or ``
     <run.storage>/cache/judge/<key>.json      one judge verdict
     <run.storage>/<run.name>/spec.yaml        the spec record: {spec_hash, spec}
     <run.storage>/<run.name>/tune/            the Tune experiment (searcher state, trials)
+    <run.storage>/<run.name>/repeats/         the repeats' Tune experiment (search.repeats)
     <run.storage>/<run.name>/trials/<trial>/  Ray Train runs: checkpoints, history.jsonl
     <run.storage>/<run.name>/train/<name>/    the same for ``python -m clo_ray.train`` runs
     <run.storage>/<run.name>/eval/<trial>/... a trial's evaluation (answers, metrics)
@@ -99,6 +100,11 @@ class RunLayout:
     def tune(self) -> str:
         """The Tune experiment's folder."""
         return storage.join(self.uri, "tune")
+
+    @property
+    def repeats(self) -> str:
+        """The repeats' Tune experiment (``search.repeats``)."""
+        return storage.join(self.uri, "repeats")
 
     @property
     def trials(self) -> str:

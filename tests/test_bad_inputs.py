@@ -103,6 +103,17 @@ CASES: list[tuple[str, Any, str, list[str]]] = [
     ("corpus-missing", with_("corpus.path", "/nonexistent/corpus.jsonl"), "run",
      ["/nonexistent/corpus.jsonl"]),
     ("budget-over-corpus", with_("budgets", [10_000]), "run", ["budgets[0]", "10000"]),
+    ("judge-endpoint-env-unset", with_("evaluation.judge", {
+        "enabled": True, "backend": "endpoint",
+        "endpoint": {"base_url": "http://127.0.0.1:9/v1", "model_env": "CLO_TEST_UNSET_MODEL"}}),
+     "run", ["evaluation.judge.endpoint.model_env", "CLO_TEST_UNSET_MODEL", "is not set"]),
+    ("prompt-set-missing", with_("evaluation.prompt_sets", [
+        {"name": "alpaca", "path": "/nonexistent/alpaca_eval.json"}]), "run",
+     ["prompt set 'alpaca'", "/nonexistent/alpaca_eval.json", "cannot read"]),
+    ("prompt-set-bad-row", "BAD_PROMPT_SET", "run",
+     ["prompt set 'alpaca'", "row 2: field 'instruction' is missing"]),
+    ("unknown-benchmark", with_("evaluation.benchmarks", ["mmlu_pro"]), "plan",
+     ["evaluation.benchmarks[0]", "unknown benchmark"]),
 ]
 
 
@@ -112,7 +123,10 @@ def write_case(tmp: Path, change: Any) -> Path:
         path.write_bytes(change)
         return path
     data = base(tmp)
-    if change == "EMPTY_DIR_MODEL":
+    if change == "BAD_PROMPT_SET":
+        (tmp / "alpaca.json").write_text('[{"instruction": "Hi"}, {"output": "no instruction"}]')
+        data["evaluation"]["prompt_sets"] = [{"name": "alpaca", "path": str(tmp / "alpaca.json")}]
+    elif change == "EMPTY_DIR_MODEL":
         (tmp / "empty-model").mkdir()
         data["models"] = [{"name": str(tmp / "empty-model")}]
     elif change is not None:

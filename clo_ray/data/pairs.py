@@ -57,17 +57,19 @@ class PairSplit:
     eval: pa.Table
 
 
-def split_pairs(translations: pa.Table, *, budget: int, holdout: int, seed: int) -> PairSplit:
+def split_pairs(translations: pa.Table, *, budget: int, holdout: int, seed: int,
+                train_seed: str | None = None) -> PairSplit:
     """Eval = first ``holdout`` accepted rows by hash rank, train = the next ``budget``.
 
     Raises PairsError naming budget, holdout and the rows available when they do not fit,
     and on missing columns or repeated ids (ids key the reference cache: they must be unique).
     """
-    return _split(translations, budget=budget, holdout=holdout, seed=seed)
+    return _split(translations, budget=budget, holdout=holdout, seed=seed,
+                  train_seed=train_seed)
 
 
 def split_multi(tables: Mapping[str, pa.Table], budgets: Mapping[str, int], *, holdout: int,
-                seed: int) -> PairSplit:
+                seed: int, train_seed: str | None = None) -> PairSplit:
     """Per-language splits (``holdout`` eval rows and ``budgets[lang]`` train rows each),
     concatenated in sorted language order; the ``language`` column tells the rows apart.
 
@@ -86,7 +88,8 @@ def split_multi(tables: Mapping[str, pa.Table], budgets: Mapping[str, int], *, h
              for lang in languages}
     held_out = frozenset(i for table in evals.values() for i in table.column("id").to_pylist())
     trains = [_split(tables[lang], budget=budgets[lang], holdout=holdout, seed=seed,
-                     exclude=held_out, language=lang).train for lang in languages]
+                     exclude=held_out, language=lang, train_seed=train_seed).train
+              for lang in languages]
     return PairSplit(train=pa.concat_tables(trains, promote_options="default"),
                      eval=pa.concat_tables(list(evals.values()), promote_options="default"))
 
@@ -106,7 +109,7 @@ def pairs_fingerprint(table: pa.Table) -> str:
     return digest.hexdigest()[:16]
 
 
-def rank_key(seed: int, row_id: str) -> str:
+def rank_key(seed: int | str, row_id: str) -> str:
     """The sort key of a row: stable across files, row order and Python versions."""
     return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
 
@@ -131,12 +134,13 @@ class PreparedPairs:
 
 
 def prepare_pairs(spec: SweepSpec, tables: Mapping[str, pa.Table], languages: Sequence[str],
-                  budget: int | Mapping[str, int]) -> PreparedPairs:
+                  budget: int | Mapping[str, int], *, repeat: int = 0) -> PreparedPairs:
     """Budget subset and held-out split of the translations ``tables``, written once by content.
 
     ``budget`` is pairs per language (one number for all, or one per language). The split is
     :func:`split_pairs` (one language) / :func:`split_multi` (several): nested budgets and a
-    fixed held-out set under ``spec.run.seed``.
+    fixed held-out set under ``spec.run.seed``. ``repeat`` > 0 draws the budget's subsample
+    in that repeat's own order (:func:`repeat_seed`), the held-out set unchanged.
     """
     languages = list(languages)
     if not languages:
@@ -146,13 +150,14 @@ def prepare_pairs(spec: SweepSpec, tables: Mapping[str, pa.Table], languages: Se
         raise PairsError(f"no translations for {missing} (have {sorted(tables)})")
     budgets = budget if isinstance(budget, Mapping) else dict.fromkeys(languages, int(budget))
     holdout, seed = spec.evaluation.holdout, spec.run.seed
+    train_seed = f"{seed}/repeat{repeat}" if repeat else None
     if len(languages) == 1:
         split = split_pairs(tables[languages[0]], budget=budgets[languages[0]],
-                            holdout=holdout, seed=seed)
+                            holdout=holdout, seed=seed, train_seed=train_seed)
     else:
         split = split_multi({lang: tables[lang] for lang in languages},
                             {lang: budgets[lang] for lang in languages}, holdout=holdout,
-                            seed=seed)
+                            seed=seed, train_seed=train_seed)
     layout = RunLayout.of(spec)
     fingerprint = pairs_fingerprint(split.train)
     train_uri = storage.join(layout.pairs, f"{fingerprint}.train.parquet")
@@ -178,25 +183,39 @@ def read_pairs(uri: str, storage_options: storage.StorageOptions = None) -> pa.T
         "cached translations"))
 
 
-def pairs_key(language: str, budget: int) -> str:
-    """The key of one grid data set in :func:`prepare_sweep_pairs`' result: ``sw/200``."""
-    return f"{language}/{budget}"
+def pairs_key(language: str, budget: int, repeat: int = 0) -> str:
+    """The key of one grid data set in :func:`prepare_sweep_pairs`' result: ``sw/200``, and
+    ``sw/200/r1`` for a repeat's subsample."""
+    return f"{language}/{budget}" + (f"/r{repeat}" if repeat else "")
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The training seed (data order, dropout) of a cell's ``repeat``-th re-training."""
+    return seed + 1_000 * repeat
 
 
 def prepare_sweep_pairs(spec: SweepSpec, tables: Mapping[str, pa.Table]
                         ) -> dict[str, PreparedPairs]:
     """The pairs stage of a sweep: every (languages, budget) of the grid once, by
-    :func:`pairs_key`. A multi-target grid language (``sw+yo``) is one data set."""
-    return {pairs_key(language, budget): prepare_pairs(spec, tables, language.split("+"), budget)
-            for language in spec.languages for budget in spec.budgets}
+    :func:`pairs_key`, and each repeat's subsample (``search.repeats``). A multi-target
+    grid language (``sw+yo``) is one data set."""
+    return {pairs_key(language, budget, r): prepare_pairs(spec, tables, language.split("+"),
+                                                          budget, repeat=r)
+            for language in spec.languages for budget in spec.budgets
+            for r in range(spec.search.repeats)}
 
 
 # ------------------------------------------------------------------------------ internals
 
 
 def _split(table: pa.Table, *, budget: int, holdout: int, seed: int,
-           exclude: Set[str] = frozenset(), language: str | None = None) -> PairSplit:
-    """Rank the accepted rows; eval = first ``holdout``, train = next ``budget`` not excluded."""
+           exclude: Set[str] = frozenset(), language: str | None = None,
+           train_seed: str | None = None) -> PairSplit:
+    """Rank the accepted rows; eval = first ``holdout``, train = next ``budget`` not excluded.
+
+    ``train_seed`` (a repeat): the training rows are drawn from the same non-held-out rows in
+    another order, so a repeat trains on another subsample, evaluated on the same held-out set.
+    """
     if budget < 0 or holdout < 0:
         raise PairsError(f"budget ({budget}) and holdout ({holdout}) must be >= 0")
     _check_columns(table)
@@ -207,7 +226,9 @@ def _split(table: pa.Table, *, budget: int, holdout: int, seed: int,
         raise PairsError(f"repeated pair ids {repeated}: ids must be unique per language")
     order = sorted(range(len(ids)), key=lambda i: rank_key(seed, ids[i]))
     eval_rows = order[:holdout]
-    candidates = [i for i in order[holdout:] if ids[i] not in exclude]
+    rest = order[holdout:] if train_seed is None else sorted(
+        order[holdout:], key=lambda i: rank_key(train_seed, ids[i]))
+    candidates = [i for i in rest if ids[i] not in exclude]
     where = f" for language {language!r}" if language else ""
     if len(eval_rows) < holdout or budget > len(candidates):
         flagged = table.num_rows - accepted.num_rows

@@ -10,8 +10,9 @@ sweep judges here, once, between tune and report:
    the opponent: ``sft`` the best completed SFT trial of the same (model, language, budget),
    ``sft_largest`` the best SFT trial of the same (model, language) at the largest budget,
    "best" by ``search.metric`` in ``search.mode`` (the first, with a warning, when none has
-   it); ``base`` the untrained model's evaluation linked to the trial. A trial is never its
-   own opponent;
+   it); ``base`` the untrained model's evaluation linked to the trial. A repeat (another
+   seed, ``search.repeats``) meets SFT's repeat of the same index. A trial is never its own
+   opponent;
 2. both sides' answers come from storage (each evaluation's folder): the held-out pairs'
    (``heldout``) and every judged prompt set's (:mod:`clo_ray.eval.set_answers`), target
    language and English;
@@ -39,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +56,7 @@ from clo_ray.eval.judge_export import (
     judgement_row,
     judgements_table,
 )
+from clo_ray.eval.judge_serving import LazyJudge
 from clo_ray.eval.set_answers import load_set_answers
 from clo_ray.eval.winrate import head_to_head
 from clo_ray.layout import JUDGEMENTS_FILE, RunLayout
@@ -109,7 +110,7 @@ def run_judge_stage(spec: SweepSpec, *, results_uri: str | None = None,
     for row in rows:  # every judge value below comes from this run (judged or cached)
         _set_metrics(row, None)
     summary, judgements = JudgeSummary(), []
-    judges = _LazyJudge(spec, judge)
+    judges = LazyJudge(spec, judge)
     try:
         for row, kind, opponent in _comparisons(rows, spec, summary):
             headline = kind == section.opponents[0]
@@ -165,7 +166,7 @@ def _comparisons(rows: list[dict[str, Any]], spec: SweepSpec,
                 continue  # SFT against SFT of its own cell says nothing
             else:
                 budget = row["budget"] if kind == SFT else largest
-                opponent = _best_sft(done, row, budget, spec)
+                opponent = _paired_sft(done, row, budget) or _best_sft(done, row, budget, spec)
                 reason = (f"no completed SFT trial in ({row['model']}, {row['language']}, "
                           f"budget {budget})")
                 if opponent is not None and opponent["trial_id"] == row["trial_id"]:
@@ -181,9 +182,22 @@ def _comparisons(rows: list[dict[str, Any]], spec: SweepSpec,
     return out
 
 
+def _paired_sft(done: list[dict[str, Any]], row: Mapping[str, Any],
+                budget: int) -> dict[str, Any] | None:
+    """A repeat's opponent: SFT's repeat with the same index (paired seeds), if it ran."""
+    if not row.get("repeat"):
+        return None
+    return next((r for r in done if r["method"] == SFT and r.get("checkpoint")
+                 and r.get("repeat") == row["repeat"]
+                 and (r["model"], r["language"], r["budget"]) == (row["model"],
+                                                                  row["language"], budget)),
+                None)
+
+
 def _best_sft(done: list[dict[str, Any]], row: Mapping[str, Any], budget: int,
               spec: SweepSpec) -> dict[str, Any] | None:
-    cell = [r for r in done if r["method"] == SFT and r.get("checkpoint")
+    """The best SFT search trial (repeat 0) of (model, language, budget)."""
+    cell = [r for r in done if r["method"] == SFT and r.get("checkpoint") and not r.get("repeat")
             and (r["model"], r["language"], r["budget"]) == (row["model"], row["language"],
                                                              budget)]
     metric, mode = spec.search.metric, spec.search.mode
@@ -251,67 +265,8 @@ def _answers(eval_uri: str, prompt_set: str, options: Any) -> dict[str, list[Any
 # ------------------------------------------------------------------------------ judging
 
 
-class _LazyJudge:
-    """The judge: a given callable, an endpoint, or a local model loaded on first use (a
-    fully cached re-run loads nothing)."""
-
-    def __init__(self, spec: SweepSpec, judge: JudgeGenerate | None) -> None:
-        self.section, self.given = spec.evaluation.judge, judge
-        self.own: Any = None
-        endpoint = self.section.endpoint
-        if self.section.backend == "endpoint" and endpoint is not None:
-            model = endpoint.model or os.environ.get(endpoint.model_env or "", "")
-            self.identity = f"endpoint:{model}"
-        else:
-            self.identity = self.section.model or ""
-
-    def __call__(self, prompts: list[str]) -> list[str | None]:
-        if self.given is not None:
-            return list(self.given(prompts))
-        if self.own is None:
-            self.own = self._load()
-        return list(self.own(prompts))
-
-    def _load(self) -> Any:
-        if self.section.backend == "endpoint":
-            from clo_ray.eval.judge_endpoint import EndpointJudge
-
-            return EndpointJudge(endpoint_settings(self.section))
-        from clo_ray.eval.judge import make_judge
-        from clo_ray.models.resolve import resolve_model
-
-        return make_judge(resolve_model(self.section.model or ""), self.section.backend,
-                          self.section.max_new_tokens)
-
-    def close(self) -> None:
-        if self.own is not None:
-            self.own.close()
-            self.own = None
-
-
-def endpoint_settings(section: Any) -> Any:
-    """The endpoint client's settings from ``evaluation.judge`` (environment names read)."""
-    from clo_ray.eval.judge_endpoint import EndpointSettings, JudgeEndpointError
-
-    endpoint = section.endpoint
-    values = {}
-    for name in ("base_url", "model"):
-        value = getattr(endpoint, name)
-        env = getattr(endpoint, f"{name}_env")
-        if value is None:
-            value = os.environ.get(env or "", "")
-            if not value:
-                raise JudgeEndpointError(f"evaluation.judge.endpoint.{name}_env names {env}, "
-                                         "which is not set in the driver's environment")
-        values[name] = value
-    return EndpointSettings(values["base_url"], values["model"], endpoint.api_key_env,
-                            max_concurrency=endpoint.max_concurrency,
-                            max_retries=endpoint.max_retries, timeout_s=endpoint.timeout_s,
-                            max_tokens=section.max_new_tokens)
-
-
 def _judge_side(spec: SweepSpec, row: Mapping[str, Any], kind: str, opponent: Opponent,
-                side: Side, judge: _LazyJudge, summary: JudgeSummary) -> tuple[Any, Any, str]:
+                side: Side, judge: LazyJudge, summary: JudgeSummary) -> tuple[Any, Any, str]:
     """(JudgeResult, WinRate or None, opponent label) of one comparison: cached or judged,
     then its alpaca_eval files written."""
     options = spec.run.storage_options or None

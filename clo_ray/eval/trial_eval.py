@@ -106,10 +106,17 @@ def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, 
                 trained.update(run_lm_eval(exported, lm_eval, cache_uri=trial_uri,
                                            model_key=checkpoint.path,
                                            storage_options=options).metrics)
-            trained.update(run_benchmarks(exported, evaluation, language, cache_uri=trial_uri,
-                                          model_key=checkpoint.path, storage_options=options))
+            if evaluation.benchmarks:
+                trained.update(run_benchmarks(exported, evaluation, language,
+                                              cache_uri=trial_uri, model_key=checkpoint.path,
+                                              storage_options=options))
+                # the base model's scores once per cell (cached): the table's reference row
+                base.update({k: v for k, v in run_benchmarks(
+                    base_dir, evaluation, language, cache_uri=base_cache, model_key=model,
+                    storage_options=options).items() if k.startswith("benchmark.")})
             trained["objective"] = objective_or_none(trained, evaluation.objective.weights)
     link_base(trial_uri, base_cache, options)
     out = scalar_metrics(trained)
-    out.update({f"base_{k}": v for k, v in scalar_metrics(base).items() if k in BASE_METRICS})
+    out.update({f"base_{k}": v for k, v in scalar_metrics(base).items()
+                if k in BASE_METRICS or k.startswith("benchmark.")})
     return out

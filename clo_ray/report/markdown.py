@@ -44,6 +44,10 @@ def _cell_text(res: Results, metric: str, model: str, language: str,
     best = pick(present) if len(set(present)) > 1 else None  # a tie of all: no bold
     parts = [f"**{format_value(metric, v)}**" if v is not None and v == best
              else format_value(metric, v) for v in values]
+    for i, method in enumerate(res.methods):  # repeats: the mean's 95% interval
+        spread = res.interval(Cell(model, language, method, budgets[-1]), metric)
+        if spread is not None:
+            parts[i] += f" ±{format_value(metric, spread[1])}"
     at = f" (@{budgets[-1]})" if budgets[-1] != widest else ""
     return " / ".join(parts) + at, values.count(None)
 
@@ -79,7 +83,8 @@ def render_markdown(res: Results, metrics: Sequence[str], *, title: str = "",
         for metric in chosen:
             out += [f"### {metric_label(metric)}", "",
                     f"Each cell: {legend} at the largest budget ({widest} pairs unless marked "
-                    "@N); best in bold.", ""]
+                    "@N); best in bold; ±: the 95% interval of the mean over the cell's "
+                    "repeats (search.repeats), where there are any.", ""]
             rows = []
             for model in res.models:
                 texts = [_cell_text(res, metric, model, lang, widest) for lang in res.languages]

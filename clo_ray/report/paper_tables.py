@@ -21,25 +21,42 @@ from typing import Any
 
 from clo_ray.report.markdown import _table
 from clo_ray.report.plots import fit_title
-from clo_ray.report.results import BASE_METHOD, Results, format_value, method_label
+from clo_ray.report.results import (
+    BASE_METHOD,
+    Results,
+    format_value,
+    mean_interval,
+    method_label,
+)
 from clo_ray.spec.grid import Cell
 
 SIDES = (("target", "target prompts"), ("english", "English prompts"))
 
 
-def _judgement(judgements: Sequence[dict[str, Any]], trial: dict[str, Any] | None,
+def _judgement(res: Results, judgements: Sequence[dict[str, Any]], cell: Cell,
                opponent: str, prompt_set: str, side: str) -> dict[str, Any] | None:
-    if trial is None:
-        return None
-    return next((j for j in judgements if j["trial_id"] == trial["trial_id"]
-                 and j["opponent"] == opponent and j["prompt_set"] == prompt_set
-                 and j["side"] == side and j.get("win_rate") is not None), None)
+    """The cell's comparison: its best trial's judgement, or with repeats the mean over the
+    repeats' judgements (``seeds`` > 1: ``ci_low`` / ``ci_high`` then span the seeds)."""
+    found = [j for trial in res.repeats(cell) for j in judgements
+             if j["trial_id"] == trial["trial_id"] and j["opponent"] == opponent
+             and j["prompt_set"] == prompt_set and j["side"] == side
+             and j.get("win_rate") is not None]
+    if len(found) < 2:
+        return dict(found[0], seeds=1) if found else None
+    mean, half, n = mean_interval([j["win_rate"] for j in found])
+    lcs = [j["length_controlled_winrate"] for j in found
+           if j.get("length_controlled_winrate") is not None]
+    return {"win_rate": mean, "standard_error": half, "ci_low": mean - half,
+            "ci_high": mean + half, "seeds": n,
+            "length_controlled_winrate": sum(lcs) / len(lcs) if len(lcs) == n else None}
 
 
 def _rate(j: dict[str, Any] | None) -> str:
     if j is None:
         return "n/a"
-    text = f"{j['win_rate']:.1f} ±{j['standard_error']:.1f}"
+    spread = f"±{j['standard_error']:.1f}" if j["seeds"] == 1 else \
+        f"±{j['standard_error']:.1f} ({j['seeds']} seeds)"
+    text = f"{j['win_rate']:.1f} {spread}"
     lc = j.get("length_controlled_winrate")
     return text + (f" [LC {lc:.1f}]" if lc is not None else "")
 
@@ -57,8 +74,7 @@ def main_table(res: Results, judgements: Sequence[dict[str, Any]], prompt_set: s
             cells = []
             for language in res.languages:
                 budgets = res.budgets(model, language)
-                found = [_judgement(judgements, res.best_trial(Cell(model, language, m,
-                                                                    budgets[-1])),
+                found = [_judgement(res, judgements, Cell(model, language, m, budgets[-1]),
                                     "sft", prompt_set, side) if budgets else None
                          for m in methods]
                 text = " / ".join(_rate(j) for j in found)
@@ -70,9 +86,10 @@ def main_table(res: Results, judgements: Sequence[dict[str, Any]], prompt_set: s
     legend = " / ".join(method_label(m) for m in methods)
     return [f"## Judge win rate against SFT (prompt set `{prompt_set}`)", "",
             f"Each cell: {legend}, win rate (%) against the SFT model of the same cell at the "
-            "largest budget, ±standard error over the prompts (alpaca_eval's definitions), "
-            "[LC] the length-controlled rate beside it; 50 is parity. Every comparison, with "
-            "intervals and the prompts the judge could not rate, is in judgements.parquet.",
+            "largest budget, ±standard error over the prompts (alpaca_eval's definitions), or "
+            "with repeats the mean over seeds ±its 95% interval; [LC] the length-controlled "
+            "rate beside it; 50 is parity. Every comparison, with intervals and the prompts "
+            "the judge could not rate, is in judgements.parquet.",
             "", *_table(["model", "prompts", *res.languages], rows)]
 
 
@@ -123,8 +140,7 @@ def judge_curves(res: Results, judgements: Sequence[dict[str, Any]],
             for k, method in enumerate(res.methods):
                 points = []
                 for budget in res.budgets(model, language, method):
-                    found = _judgement(judgements, res.best_trial(Cell(model, language, method,
-                                                                       budget)),
+                    found = _judgement(res, judgements, Cell(model, language, method, budget),
                                        "sft_largest", prompt_set, "target")
                     if found is not None:
                         points.append((budget, found))

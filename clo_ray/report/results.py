@@ -127,7 +127,26 @@ class Results:
                                                  self.methods.index(c[2]), c[3]))
 
     def ranked(self, cell: Cell) -> list[Row]:
-        return [r for r in self.cells.get(cell, []) if r["status"] in RANKED_STATUSES]
+        """The cell's search trials that can be ranked (repeats are not candidates)."""
+        return [r for r in self.cells.get(cell, []) if r["status"] in RANKED_STATUSES
+                and not r.get("repeat")]
+
+    def repeats(self, cell: Cell) -> list[Row]:
+        """The cell's best trial and its completed re-trainings with other seeds
+        (``search.repeats``); [] when nothing is ranked."""
+        best = self.best_trial(cell)
+        if best is None:
+            return []
+        return [best] + [r for r in self.cells.get(cell, []) if r.get("repeat")
+                         and r["status"] == "completed"]
+
+    def interval(self, cell: Cell, metric: str) -> tuple[float, float, int] | None:
+        """(mean, 95% half-width, n) of ``metric`` over the cell's repeats; None with fewer
+        than two measured repeats (one training has no spread to show)."""
+        values = [v for r in self.repeats(cell) if (v := _number(r.get(metric))) is not None]
+        if len(values) < 2:
+            return None
+        return mean_interval(values)
 
     def best_trial(self, cell: Cell) -> Row | None:
         """The cell's best trial by ``rank_by`` (see :mod:`clo_ray.report`)."""
@@ -135,7 +154,11 @@ class Results:
                      metric_mode(self.rank_by, self.rank_by, self.mode))
 
     def value(self, cell: Cell, metric: str) -> float | None:
-        """``metric`` of the cell's best trial, or its own best where nothing is ranked."""
+        """``metric`` of the cell's best trial (the mean over its repeats when the sweep
+        repeated it), or its own best where nothing is ranked."""
+        spread = self.interval(cell, metric)
+        if spread is not None:
+            return spread[0]
         best = self.best_trial(cell)
         if best is None:
             best = _best(self.ranked(cell), metric, metric_mode(metric, self.rank_by, self.mode))
@@ -167,6 +190,24 @@ class Results:
                 and _number(r.get(metric)) is not None]
         maximize = metric_mode(metric, self.rank_by, self.mode) == "max"
         return rows, pareto_front([(r["budget"], r[metric]) for r in rows], maximize=maximize)
+
+
+# Student's t 0.975 quantiles by degrees of freedom (1 .. 30); 1.96 beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, 95% half-width, n): Student's t over independent repeats (few seeds: a normal
+    interval would be too narrow)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0, n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return mean, t * sd / math.sqrt(n), n
 
 
 # ------------------------------------------------------------------------------ formatting

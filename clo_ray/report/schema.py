@@ -9,6 +9,8 @@ The contract with the sweep: ``results.parquet``, one row per trial (:data:`RESU
   null, its ``train_seconds`` the time until it was stopped) | ``failed``;
 - ``params``: JSON of the trial's sampled hyper-parameters (``{"lr": 1e-4, "schedule": "clo"}``);
 - ``checkpoint`` (URI or null), ``train_seconds``, ``train_tokens``: what the trial cost;
+- ``repeat``: 0 for the search's trials; r > 0 for the r-th re-training of the cell's best
+  trial with another seed (``search.repeats``, :mod:`clo_ray.tune.repeats`);
 - metrics, float, null when not measured: ``objective`` and :data:`METRIC_COLUMNS`; shares and
   win rates are fractions in [0, 1] (shown as percentages); so is any ``lm_eval.<task>``
   column (the task's accuracy). Any other column is carried into ``best_trials.parquet`` and
@@ -60,7 +62,7 @@ RESULTS_SCHEMA = pa.schema(
     [("run", pa.string()), ("trial_id", pa.string()), ("model", pa.string()),
      ("language", pa.string()), ("method", pa.string()), ("budget", pa.int64()),
      ("status", pa.string()), ("params", pa.string()), ("checkpoint", pa.string()),
-     ("train_seconds", pa.float64()), ("train_tokens", pa.int64())]
+     ("train_seconds", pa.float64()), ("train_tokens", pa.int64()), ("repeat", pa.int64())]
     + [(name, pa.float64()) for name in METRIC_COLUMNS])
 # Base-model metrics each trial reports (as base_<name>): the report's untrained reference,
 # one ``base`` row per (model, language) in results.parquet.
@@ -145,6 +147,7 @@ def results_table(grid: Any, spec: SweepSpec) -> pa.Table:
     rows, bases = [], {}
     for result in grid:
         config, metrics = result.config or {}, result.metrics or {}
+        config = config.get("job", config)  # a repeat's config (clo_ray.tune.repeats)
         if "cell" not in config:
             continue
         cell = cell_of(config)
@@ -157,7 +160,8 @@ def results_table(grid: Any, spec: SweepSpec) -> pa.Table:
                "checkpoint": metrics.get("checkpoint"),
                # an early-stopped trial's cost: Tune's clock and the tokens up to its last report
                "train_seconds": _float(metrics.get("train_seconds" if done else "time_total_s")),
-               "train_tokens": metrics.get("train_tokens" if done else "tokens_total")}
+               "train_tokens": metrics.get("train_tokens" if done else "tokens_total"),
+               "repeat": int(config.get("repeat", 0))}
         # Only the final report holds held-out metrics; a stopped (or failed) trial's last
         # report is a training one, whose target_nll etc. are training-batch values that
         # must not be ranked against held-out ones: not measured, so null.
@@ -165,12 +169,14 @@ def results_table(grid: Any, spec: SweepSpec) -> pa.Table:
         row.update({m: _float(metrics[m]) for m in extra_metric_names(metrics) if done})
         rows.append(row)
         base = {m: _float(metrics.get(f"base_{m}")) for m in BASE_METRICS}
+        base.update({m.removeprefix("base_"): _float(v) for m, v in metrics.items()
+                     if m.startswith("base_benchmark.")})
         if any(v is not None for v in base.values()):  # the untrained model: budget 0
             bases[(cell.model, cell.language)] = {
                 "run": spec.run.name, "trial_id": f"base-{cell.model}-{cell.language}",
                 "model": cell.model, "language": cell.language, "method": "base",
                 "budget": 0, "status": "completed", "params": "{}", **base}
-    extra = extra_metric_names({name for row in rows for name in row})
+    extra = extra_metric_names({name for row in [*rows, *bases.values()] for name in row})
     return pa.Table.from_pylist(rows + list(bases.values()), schema=results_schema(extra))
 
 

@@ -120,6 +120,10 @@ class SearchSection(Section):
     multi_objective: bool = False
     optuna_storage: str | None = None  # e.g. sqlite:///optuna.db; default: in memory
     max_concurrent_trials: int | None = Field(None, gt=0)
+    # Seeds per cell's chosen configuration: after the search, each cell's best trial is
+    # trained again with repeats - 1 other seeds (data order and budget subsample; the
+    # held-out set stays), so every reported number has a mean and a 95% interval.
+    repeats: int = Field(1, ge=1)
 
     @field_validator("optuna_storage")
     @classmethod

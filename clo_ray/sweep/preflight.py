@@ -9,6 +9,7 @@ forever: Train V2 treats a worker group that cannot start as retryable, without 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,25 @@ def model_references(spec: SweepSpec) -> list[tuple[str, str, str | None]]:
     if spec.translator.backend != "parallel" and spec.translator.model:
         refs.append(("translator.model", spec.translator.model, None))
     judge = spec.evaluation.judge
-    if judge.enabled and judge.model:
+    if judge.enabled and judge.model and judge.backend != "endpoint":
         refs.append(("evaluation.judge.model", judge.model, None))
     return refs
+
+
+def judge_problems(spec: SweepSpec) -> list[str]:
+    """``<yaml path>: <why>`` for each environment variable the endpoint judge names but the
+    driver's environment lacks: found at start, not after days of training."""
+    judge = spec.evaluation.judge
+    if not judge.enabled or judge.backend != "endpoint" or judge.endpoint is None:
+        return []
+    problems = []
+    for field in ("base_url_env", "model_env", "api_key_env"):
+        name = getattr(judge.endpoint, field)
+        if name is not None and not os.environ.get(name):
+            problems.append(f"evaluation.judge.endpoint.{field}: the environment variable "
+                            f"{name} is not set where the sweep's driver runs (the judge "
+                            "stage reads it after the tune stage)")
+    return problems
 
 
 def model_problems(spec: SweepSpec) -> list[str]:
@@ -42,13 +59,15 @@ def model_problems(spec: SweepSpec) -> list[str]:
             check_model_reference(ref, revision=revision)
         except ModelResolutionError as err:
             problems.append(f"{where}: {err}")
-    return problems
+    return problems + judge_problems(spec)
 
 
 def check_models(spec: SweepSpec, label: str) -> None:
-    """Raise one SpecError naming each model reference that will not resolve."""
+    """Raise one SpecError naming each model reference that will not resolve (and each
+    judge endpoint variable that is not set)."""
     if problems := model_problems(spec):
         raise SpecError(f"spec {label}: {len(problems)} model reference"
+                        f"{'s' if len(problems) > 1 else ''} or setting"
                         f"{'s' if len(problems) > 1 else ''} will not resolve:\n  "
                         + "\n  ".join(problems))
 

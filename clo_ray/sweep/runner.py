@@ -69,6 +69,8 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
     ``allow_failed_trials``. ``placement_timeout_s``: how long a trial's workers may wait
     for resources before that trial fails (it does not hang).
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import ray
 
     from clo_ray.data.corpus import load_corpus
@@ -78,6 +80,7 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
     from clo_ray.report.build import ReportOptions, build_report
     from clo_ray.report.schema import load_results, results_table
     from clo_ray.translate.stage import load_translations, translate_corpus
+    from clo_ray.tune.repeats import build_repeat_tuner, repeat_configs
     from clo_ray.tune.tuner import build_tuner, planned_trials
 
     check_models(spec, label or spec.run.name)
@@ -106,7 +109,20 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
         outcome = tune_outcome(grid, planned_trials(spec))
         if outcome.interrupted:  # a partial experiment is not a result: no table, no report
             raise SweepInterrupted(f"{outcome.summary()} under {layout.tune}")
-        checked.write_parquet(layout.results, results_table(grid, spec), layout.options)
+        table = results_table(grid, spec)
+        configs = repeat_configs(spec, table.to_pylist())
+        if configs:  # each cell's best configuration again, with other seeds
+            repeats = build_repeat_tuner(spec, configs, pairs=pairs or {}, prompt_sets=prepared,
+                                         placement_timeout_s=placement_timeout_s).fit()
+            repeated = tune_outcome(repeats, len(configs))
+            if repeated.interrupted:
+                raise SweepInterrupted(f"repeats: {repeated.summary()} under {layout.repeats}")
+            more = results_table(repeats, spec)
+            more = more.filter(pc.not_equal(more["method"], "base"))
+            table = pa.concat_tables([table, more], promote_options="default")
+            if repeated.failed and not outcome.failed:
+                outcome, grid = repeated, repeats
+        checked.write_parquet(layout.results, table, layout.options)
     if only in (None, "judge"):  # after tune: a trial's SFT opponent may finish after it
         from clo_ray.eval.judge_stage import run_judge_stage
 

@@ -107,14 +107,17 @@ def method_stages(spec: SweepSpec, method: str, overrides: Mapping[str, Any] | N
 
 
 def loop_config(spec: SweepSpec, *, model: str, stages: Sequence[StageSpec],
-                pairs: PreparedPairs, extra: Mapping[str, Any] | None = None) -> LoopConfig:
+                pairs: PreparedPairs, extra: Mapping[str, Any] | None = None,
+                seed: int | None = None) -> LoopConfig:
     """What every worker's loop receives (see :class:`~clo_ray.train.loop_config.LoopConfig`);
-    ``extra``: its testing / time-boxing keys (``stop_after_steps``, ``sample_log``, ...)."""
+    ``extra``: its testing / time-boxing keys (``stop_after_steps``, ``sample_log``, ...);
+    ``seed``: the data order and dropout seed (default ``run.seed``; a repeat's own)."""
     workers = spec.resources.workers_per_trial
     gradient_accumulation(spec.train.batch_pairs, spec.train.micro_batch_pairs, workers)
     return LoopConfig(
         model=model, languages=tuple(pairs.languages), stages=tuple(stages), train=spec.train,
-        resources=spec.resources, seed=spec.run.seed, pairs_uri=pairs.train_uri,
+        resources=spec.resources, seed=spec.run.seed if seed is None else seed,
+        pairs_uri=pairs.train_uri,
         eval_uri=pairs.eval_uri, pairs_fingerprint=pairs.fingerprint,
         reference_root=RunLayout.of(spec).reference,
         storage_options=dict(spec.run.storage_options) or None).with_extra(extra)
@@ -204,7 +207,8 @@ class TrainRun:
     Ray Train RunConfig callbacks (Tune's ``TuneReportCallback``). ``extra``: loop keys such
     as ``stop_after_steps`` (see :data:`clo_ray.train.loop_config.EXTRA_KEYS`).
     ``placement_timeout_s``: how long the workers may wait for their resources before the
-    run fails with :class:`PlacementTimeoutError` (not forever).
+    run fails with :class:`PlacementTimeoutError` (not forever). ``seed``: data order and
+    dropout seed (default ``run.seed``; a repeat of a cell's best configuration has its own).
     """
 
     name: str | None = None
@@ -212,6 +216,7 @@ class TrainRun:
     callbacks: Sequence[Any] = ()
     extra: Mapping[str, Any] | None = None
     placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S
+    seed: int | None = None
 
 
 def run_training(spec: SweepSpec, pairs: PreparedPairs, *, model: str, method: str,
@@ -226,7 +231,8 @@ def run_training(spec: SweepSpec, pairs: PreparedPairs, *, model: str, method: s
     run's error if it failed after its retries.
     """
     stages = method_stages(spec, method, overrides)
-    config = loop_config(spec, model=model, stages=stages, pairs=pairs, extra=run.extra)
+    config = loop_config(spec, model=model, stages=stages, pairs=pairs, extra=run.extra,
+                         seed=run.seed)
     name = run.name or default_run_name(spec, model, pairs.languages, method, pairs.budget)
     trainer = build_trainer(spec, config, run_name=name, callbacks=run.callbacks,
                             storage_path=run.storage_path,

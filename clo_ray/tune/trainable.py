@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from clo_ray.data.pairs import PreparedPairs, pairs_key
+from clo_ray.data.pairs import PreparedPairs, pairs_key, repeat_seed
 from clo_ray.layout import RunLayout, safe_name
 from clo_ray.spec.grid import cell_of, model_reference
 from clo_ray.spec.schema import load_spec
@@ -24,8 +24,9 @@ from clo_ray.spec.schema import load_spec
 def trial_run_name(config: Mapping[str, Any]) -> str:
     """The trial's Ray Train run name: stable, so a restarted trial resumes its checkpoint."""
     cell = cell_of(config)
+    repeat = config.get("repeat", 0)
     return safe_name(f"{cell.model}-{cell.language}-{cell.method}-{cell.budget}"
-                     f"-t{config['cell_trial']}")
+                     f"-t{config['cell_trial']}" + (f"-r{repeat}" if repeat else ""))
 
 
 def run_trial(config: dict[str, Any], spec_data: dict[str, Any],
@@ -35,7 +36,9 @@ def run_trial(config: dict[str, Any], spec_data: dict[str, Any],
     """One trial: train the cell's model with the sampled params, evaluate, report.
 
     ``pairs``: the pairs stage's data sets by :func:`clo_ray.data.pairs.pairs_key`;
-    ``prompt_sets``: the prepared prompt sets (set name -> language -> table URI).
+    ``prompt_sets``: the prepared prompt sets (set name -> language -> table URI). A repeat
+    (:mod:`clo_ray.tune.repeats`: ``config["job"]`` with ``repeat`` > 0) trains the same
+    params on its own subsample with its own seed.
     """
     import ray
     from ray import tune
@@ -51,15 +54,18 @@ def run_trial(config: dict[str, Any], spec_data: dict[str, Any],
     )
 
     spec = load_spec(spec_data)
-    cell, params = cell_of(config), config["params"]
-    data, model = pairs[pairs_key(cell.language, cell.budget)], model_reference(spec, cell)
+    config = config.get("job", config)  # a repeat's config comes wrapped (tune.grid_search)
+    cell, params, repeat = cell_of(config), config["params"], config.get("repeat", 0)
+    data = pairs[pairs_key(cell.language, cell.budget, repeat)]
+    model = model_reference(spec, cell)
     started = time.perf_counter()
     result = run_training(spec, data, model=model, method=cell.method, overrides=params,
                           run=TrainRun(name=trial_run_name(config),
                                        storage_path=RunLayout.of(spec).trials,
                                        callbacks=[TuneReportCallback()],
                                        placement_timeout_s=placement_timeout_s
-                                       or DEFAULT_PLACEMENT_TIMEOUT_S))
+                                       or DEFAULT_PLACEMENT_TIMEOUT_S,
+                                       seed=repeat_seed(spec.run.seed, repeat)))
     train_seconds = time.perf_counter() - started
     beta = preference_beta(method_stages(spec, cell.method, params))
     metrics = ray.get(evaluation_task(spec).remote(
@@ -67,4 +73,4 @@ def run_trial(config: dict[str, Any], spec_data: dict[str, Any],
         prompt_sets=prompt_sets))
     tune.report({**metrics, "train_seconds": train_seconds,
                  "train_tokens": result.metrics.get("tokens_total"),
-                 "checkpoint": result.checkpoint.path, "trial_done": True})
+                 "checkpoint": result.checkpoint.path, "trial_done": True, "repeat": repeat})
