@@ -1,4 +1,8 @@
-"""Greedy answers to held-out prompts, from vLLM or transformers, token for token the same.
+"""Answers to evaluation prompts, from vLLM or transformers, token for token the same.
+
+Greedy by default (held-out prompts: language fidelity needs reproducible answers); a prompt
+set may ask for sampling (:class:`Sampling`: temperature, top_p, seed, as CRPO's 0.8), which
+is seeded per call so a re-run gives the same answers on the same backend.
 
 Both backends see the same token ids: each prompt goes through
 :func:`clo_ray.train.batches.format_prompt` (the chat template when the tokenizer has one,
