@@ -211,7 +211,7 @@ class PromptSetSpec(Section):
 
     ``path``: an alpaca_eval file (JSON list or JSONL of ``{"instruction", "dataset"?}``),
     a parallel file (``text.<lang>.prompt``), a parquet table with an ``instruction``
-    column, or ``builtin:eval-prompts`` (120 instructions written for clo-ray, in English
+    column, or ``builtin:eval-prompts`` (102 instructions written for clo-ray, in English
     and the six paper languages). Languages the file lacks are translated by the spec's
     translator through the translate stage and its cache (the paper translated AlpacaEval).
     """
