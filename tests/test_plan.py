@@ -96,8 +96,12 @@ def test_smoke_plans_and_its_corpus_size_check_passes():
         pytest.skip(f"the bundled parallel sample is still a placeholder ({rows} rows)")
     plan = build_plan(load_spec(SMOKE))
     assert plan.corpus_rows is not None and plan.corpus_rows >= 64 + 16
-    assert len(plan.cells) == 1 * 1 * 2 * 3 and plan.device == "CPU"
+    assert len(plan.cells) == 1 * 1 * 2 * 2 and plan.device == "CPU"
     assert "from the corpus" in format_plan(plan)
+    # its prompt set answers and is judged in Swahili only (english: false): 48 items
+    text = "\n".join(plan.evaluation)
+    assert "generations: 64 per evaluated model (16 held-out prompts, 48 prompt-set" in text
+    assert "judge calls: 192 = 2 comparisons (sft) x 48 items" in text
 
 
 def test_cli_plan_prints_assumptions_cells_and_totals():

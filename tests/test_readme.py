@@ -28,7 +28,7 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_demo_command_validates():
     """Command 1 without its set-up part (the venv running this test is that set-up), with
     ``--plan``: the exact spec is loaded and validated and its plan printed. The full smoke run
-    takes ~15 minutes on 2 cores, too long beside the rest of CI; tests/test_sweep.py runs the
+    takes ~14 minutes on 2 cores, too long beside the rest of CI; tests/test_sweep.py runs the
     same pipeline end to end on tiny-llama."""
     import subprocess
     import sys

@@ -19,6 +19,7 @@ from matplotlib.image import imread
 
 from clo_ray.report.__main__ import main
 from clo_ray.report.build import ReportOptions, build_report
+from clo_ray.report.fidelity_table import wilson_interval
 from clo_ray.report.results import format_value, metric_mode, pareto_front
 from clo_ray.report.schema import RESULTS_SCHEMA, ResultsError, load_results, validate_results
 
@@ -330,3 +331,40 @@ def test_the_papers_table_curves_and_benchmarks_from_judgements(tmp_path) -> Non
     assert "| m-a | CLO | 40.0 [en 80.0] | 40.0 [en 80.0] |" in report
     curves = tmp_path / "judge_win_rate_vs_sft_largest.png"
     assert str(curves) in files.plots and imread(curves).shape[0] > 100
+
+
+def test_wilson_interval_against_a_hand_computation() -> None:
+    # 24 of 48: centre (0.5 + z²/96) / (1 + z²/48) = 0.5; half-width
+    # z * sqrt(0.25/48 + z²/(4 * 48²)) / (1 + z²/48) = 0.1361067 with z = 1.959964
+    low, high = wilson_interval(0.5, 48)
+    assert low == pytest.approx(0.3638933, abs=1e-6)
+    assert high == pytest.approx(0.6361067, abs=1e-6)
+    assert wilson_interval(0.0, 8)[0] == 0.0 and 0.3 < wilson_interval(0.0, 8)[1] < 0.33
+    with pytest.raises(ValueError):
+        wilson_interval(0.5, 0)
+
+
+def test_prompt_set_fidelity_table_shows_base_methods_and_intervals(tmp_path) -> None:
+    """Prompt-set fidelity per cell with a Wilson interval over the set's prompts (one
+    training), or the mean over seeds with its interval (repeats); the base model first."""
+    rows = [_trial("m-a", "sw", "base", 0, 0, objective=None, target_fidelity=0.5)
+            | {"trial_id": "m-a-sw-base", "params": None, "prompts.builtin.target_fidelity":
+               0.5, "prompts.builtin.n_target": 48.0, "repeat": 0}]  # first row: every key
+    for method, rate in (("clo", 0.75), ("sft", 0.25)):
+        rows.append(_trial("m-a", "sw", method, 16, 0, objective=1.0, target_fidelity=rate)
+                    | {"prompts.builtin.target_fidelity": rate,
+                       "prompts.builtin.n_target": 48.0, "repeat": 0})
+    # CLO repeated with a second seed: its cell becomes the mean over both seeds
+    rows.append(_trial("m-a", "sw", "clo", 16, 1, objective=0.5, target_fidelity=0.5)
+                | {"prompts.builtin.target_fidelity": 0.65, "prompts.builtin.n_target": 48.0,
+                   "repeat": 1})
+    build_report(pa.Table.from_pylist(rows), str(tmp_path), ReportOptions(plots=False))
+    report = (tmp_path / "report.md").read_text()
+    assert "## Language fidelity on the prompt sets" in report
+    row = _line(report, "| m-a | builtin | target |")
+    base, clo, sft = row.split("|")[4].strip().split(" / ")
+    assert base == "50.0 [36.4, 63.6]"  # 24 of 48, as in the hand computation above
+    assert clo.startswith("70.0 ±") and clo.endswith("(2 seeds)")
+    low, high = (100 * v for v in wilson_interval(0.25, 48))
+    assert sft == f"25.0 [{low:.1f}, {high:.1f}]"
+    assert "| m-a | builtin | English |" not in report  # no English answers: no row

@@ -54,7 +54,8 @@ def test_sampled_answers_are_seeded_and_cached(tables, tmp_path: Path, monkeypat
             table.column("answer_english").to_pylist()
 
     metrics, first = run(sampled, "a")
-    assert set(metrics) == {"prompts.s.target_fidelity", "prompts.s.english_retention"}
+    assert set(metrics) == {"prompts.s.target_fidelity", "prompts.s.english_retention",
+                            "prompts.s.n_target", "prompts.s.n_english"}
     _, again = run(sampled, "b")
     assert again == first  # same seed, same answers
     _, other_seed = run(_evaluation(temperature=1.5, top_p=0.95, seed=4), "c")

@@ -242,7 +242,7 @@ def _judge(evaluation: EvaluationSection, judge: JudgeGenerate | None,
     own = judge is None
     if judge is None:
         judge = make_judge(resolve_model(section.model or ""), section.backend,
-                           section.max_new_tokens)
+                           section.max_new_tokens, batch_size=evaluation.batch_size)
     try:
         return {"target": judge_pairwise(judge, *target, list(opponent["target"])),
                 "english": judge_pairwise(judge, *english, list(opponent["english"]))}

@@ -21,6 +21,7 @@ class LazyJudge:
 
     def __init__(self, spec: SweepSpec, judge: JudgeGenerate | None) -> None:
         self.section, self.given = spec.evaluation.judge, judge
+        self.batch_size = spec.evaluation.batch_size
         self.own: Any = None
         endpoint = self.section.endpoint
         if self.section.backend == "endpoint" and endpoint is not None:
@@ -45,7 +46,7 @@ class LazyJudge:
         from clo_ray.models.resolve import resolve_model
 
         return make_judge(resolve_model(self.section.model or ""), self.section.backend,
-                          self.section.max_new_tokens)
+                          self.section.max_new_tokens, batch_size=self.batch_size)
 
     def close(self) -> None:
         if self.own is not None:

@@ -49,7 +49,8 @@ def answer_prompt_sets(model_dir: str | Path, evaluation: EvaluationSection,
                        batch_size: int = 8) -> dict[str, float]:
     """Answer every prompt set (``tables``: set name -> language -> prepared table URI) and
     return their fidelity metrics (``prompts.<set>.target_fidelity`` /
-    ``.english_retention``). The model loads once, and only if some set is not cached."""
+    ``.english_retention``) and prompt counts (``.n_target`` / ``.n_english``: the report's
+    intervals need them). The model loads once, and only if some set is not cached."""
     metrics: dict[str, float] = {}
     generator: Any = None
     try:
@@ -69,8 +70,8 @@ def answer_prompt_sets(model_dir: str | Path, evaluation: EvaluationSection,
                                                batch_size=batch_size)
                 found = _answer(generator, section, evaluation, language, target, english,
                                 folder, fingerprint, storage_options)
-            metrics.update({f"{PREFIX}{section.name}.{k}": v for k, v in found.items()
-                            if isinstance(v, float)})
+            metrics.update({f"{PREFIX}{section.name}.{k}": float(v) for k, v in found.items()
+                            if isinstance(v, float) or k in ("n_target", "n_english")})
     finally:
         if generator is not None:
             generator.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 from clo_ray.data.pairs import read_pairs
 from clo_ray.eval.prompt_sets import PreparedSets
-from clo_ray.eval.set_answers import answer_prompt_sets
+from clo_ray.eval.set_answers import PREFIX, answer_prompt_sets
 from clo_ray.layout import RunLayout
 from clo_ray.ray_env import trial_resources, worker_env
 from clo_ray.report.schema import BASE_METRICS
@@ -78,7 +78,7 @@ def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, 
     settings = EvalSettings(language=language, evaluation=spec.evaluation,
                             template=spec.train.prompt_template,
                             max_length=spec.train.max_length, beta=beta,
-                            storage_options=options)
+                            storage_options=options, batch_size=spec.evaluation.batch_size)
     held_out = eval_uri.rsplit("/", 1)[-1].split(".")[0]
     layout = RunLayout.of(spec)
     base_cache = layout.base_eval(model, language, held_out)
@@ -86,8 +86,9 @@ def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, 
     base = evaluate_model(base_dir, rows, settings, cache_uri=base_cache, model_key=model)
     evaluation = spec.evaluation
     if evaluation.prompt_sets and prompt_sets:
-        answer_prompt_sets(base_dir, evaluation, prompt_sets, language, settings.template,
-                           eval_uri=base_cache, model_key=model, storage_options=options)
+        base |= answer_prompt_sets(base_dir, evaluation, prompt_sets, language,
+                                   settings.template, eval_uri=base_cache, model_key=model,
+                                   storage_options=options, batch_size=evaluation.batch_size)
     trial_uri, lm_eval = layout.trial_eval(checkpoint.path), evaluation.lm_eval
     with checkpoint.as_directory() as directory, \
             tempfile.TemporaryDirectory(prefix="clo-export-") as exported:
@@ -98,7 +99,8 @@ def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, 
             trained.update(answer_prompt_sets(exported, evaluation, prompt_sets, language,
                                               settings.template, eval_uri=trial_uri,
                                               model_key=checkpoint.path,
-                                              storage_options=options))
+                                              storage_options=options,
+                                              batch_size=evaluation.batch_size))
         if lm_eval.enabled or evaluation.benchmarks:
             from clo_ray.eval.lm_eval import run_benchmarks, run_lm_eval
 
@@ -118,5 +120,5 @@ def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, 
     link_base(trial_uri, base_cache, options)
     out = scalar_metrics(trained)
     out.update({f"base_{k}": v for k, v in scalar_metrics(base).items()
-                if k in BASE_METRICS or k.startswith("benchmark.")})
+                if k in BASE_METRICS or k.startswith(("benchmark.", PREFIX))})
     return out

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from clo_ray import storage
+from clo_ray.report.fidelity_table import fidelity_table
 from clo_ray.report.markdown import render_markdown
 from clo_ray.report.paper_tables import benchmark_table, judge_curves, main_table
 from clo_ray.report.results import Results
@@ -113,8 +114,8 @@ def build_report(results: pa.Table, out_dir: str, options: ReportOptions = Repor
         storage.write_parquet_atomic(files.tables, best_trials_table(res), storage_options)
     if "md" in formats:
         files.markdown = storage.join(out_dir, "report.md")
-        paper = main_table(res, judged, options.prompt_set) + benchmark_table(
-            res, options.benchmarks)
+        paper = (main_table(res, judged, options.prompt_set) + fidelity_table(res)
+                 + benchmark_table(res, options.benchmarks))
         text = render_markdown(res, chosen, title=options.title,
                                multi_objective=options.multi_objective,
                                plot_names=names, paper_sections=paper)

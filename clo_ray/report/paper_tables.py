@@ -71,18 +71,20 @@ def main_table(res: Results, judgements: Sequence[dict[str, Any]], prompt_set: s
     rows = []
     for model in res.models:
         for side, label in SIDES:
-            cells = []
+            cells, judged = [], False
             for language in res.languages:
                 budgets = res.budgets(model, language)
                 found = [_judgement(res, judgements, Cell(model, language, m, budgets[-1]),
                                     "sft", prompt_set, side) if budgets else None
                          for m in methods]
+                judged = judged or any(found)
                 text = " / ".join(_rate(j) for j in found)
                 if len(found) == 2 and all(found):
                     delta = found[1]["win_rate"] - found[0]["win_rate"]  # type: ignore[index]
                     text += f" (Δ {delta:+.1f})"
                 cells.append(text)
-            rows.append([model, label, *cells])
+            if judged:  # a side no prompt was judged on (a set with english: false): no row
+                rows.append([model, label, *cells])
     legend = " / ".join(method_label(m) for m in methods)
     return [f"## Judge win rate against SFT (prompt set `{prompt_set}`)", "",
             f"Each cell: {legend}, win rate (%) against the SFT model of the same cell at the "

@@ -170,7 +170,7 @@ def results_table(grid: Any, spec: SweepSpec) -> pa.Table:
         rows.append(row)
         base = {m: _float(metrics.get(f"base_{m}")) for m in BASE_METRICS}
         base.update({m.removeprefix("base_"): _float(v) for m, v in metrics.items()
-                     if m.startswith("base_benchmark.")})
+                     if m.startswith(("base_benchmark.", "base_prompts."))})
         if any(v is not None for v in base.values()):  # the untrained model: budget 0
             bases[(cell.model, cell.language)] = {
                 "run": spec.run.name, "trial_id": f"base-{cell.model}-{cell.language}",
