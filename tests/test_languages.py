@@ -39,3 +39,17 @@ def test_every_langid_label_is_known_to_the_detector():
 def test_candidates_never_narrow_to_the_target():
     assert set(langid_candidates(["sw"])) == set(langid_candidates())
     assert {"id", "yo", "zh"} <= set(langid_candidates(["sw"]))
+
+
+def test_bengali_is_registered_and_detected():
+    """CRPO's fifth language: every code, and language id tells it from Assamese and Hindi."""
+    from clo_ray.eval.fidelity import language_fidelity
+
+    bn = get_language("bn")
+    assert (bn.script, bn.m2m100, bn.flores, bn.langid) == ("Beng", "bn", "ben_Beng", "bn")
+    assert {"bn", "as"} <= set(langid_candidates(["bn"]))
+    answers = ["আমি প্রতিদিন সকালে এক কাপ চা খাই এবং খবরের কাগজ পড়ি।",
+               "বাংলাদেশের রাজধানী ঢাকা একটি ঘনবসতিপূর্ণ শহর।",
+               "मैं हर सुबह चाय पीता हूँ।"]  # the last one is Hindi
+    fidelity = language_fidelity(answers, "bn", threshold=0.5)
+    assert fidelity.rate == pytest.approx(2 / 3)

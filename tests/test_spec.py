@@ -138,7 +138,7 @@ BAD = {  # id: (mutation, substrings the message must contain)
     "typo_in_stage": (_sched(stage(lamda=0.3)),
                       ["schedules.clo[0].lamda: unknown key", "did you mean 'lambda'?"]),
     "unknown_language": (_set("languages", ["sw", "xx"]),
-                         ["languages[1]: unknown language code (got 'xx'; allowed: de, en, id, "
+                         ["languages[1]: unknown language code (got 'xx'; allowed: bn, de, en, id, "
                           "ko, sw, yo, zh)"]),
     "source_as_target": (_set("languages", ["en"]),
                          ["languages[0]: is the corpus's source language ('en')", "got 'en'"]),
