@@ -28,6 +28,7 @@ from clo_ray import checked, storage
 from clo_ray.eval.fidelity import language_fidelity
 from clo_ray.eval.generate import Sampling, load_generator
 from clo_ray.eval.prompt_sets import read_prompts
+from clo_ray.report.schema import PROMPT_SET_PREFIX
 from clo_ray.spec.evaluation import EvaluationSection, PromptSetSpec
 from clo_ray.storage import StorageOptions
 
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 SETS_FORMAT = 1  # bump when answers change meaning: old caches then miss
 ANSWERS_FILE, METRICS_FILE = "answers.parquet", "metrics.json"
-PREFIX = "prompts."  # metric names: prompts.<set>.target_fidelity, ...
+PREFIX = PROMPT_SET_PREFIX  # metric names: prompts.<set>.target_fidelity, ...
 
 
 def set_folder(eval_uri: str, name: str) -> str:

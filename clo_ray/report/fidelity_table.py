@@ -14,9 +14,9 @@ import math
 
 from clo_ray.report.markdown import _table
 from clo_ray.report.results import BASE_METHOD, Results, Row, method_label
+from clo_ray.report.schema import PROMPT_SET_PREFIX as PREFIX
 from clo_ray.spec.grid import Cell
 
-PREFIX = "prompts."  # the columns of eval/set_answers: prompts.<set>.<metric>
 SIDES = (("target_fidelity", "n_target", "target"), ("english_retention", "n_english", "English"))
 Z95 = 1.959963984540054
 
@@ -40,9 +40,9 @@ def prompt_set_names(res: Results) -> list[str]:
 def _one(row: Row | None, metric: str, count: str) -> str:
     """"70.8 [57.0, 81.8]" from one evaluation's rate and prompt count."""
     rate = None if row is None else row.get(metric)
-    if rate is None:
+    if row is None or rate is None:
         return "n/a"
-    n = row.get(count) if row is not None else None
+    n = row.get(count)
     if not n:
         return f"{100 * rate:.1f}"
     low, high = wilson_interval(float(rate), int(n))

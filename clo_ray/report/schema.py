@@ -70,7 +70,8 @@ BASE_METRICS = ("target_fidelity", "english_retention", "target_nll", "english_n
 # Metrics a trial reports beyond METRIC_COLUMNS that results.parquet keeps, by name prefix:
 # lm-eval's (clo_ray.eval.lm_eval: ``lm_eval.<task>``, ``lm_eval.<task>.<metric>``, and
 # ``benchmark.<name>[.en]``) and the prompt sets' (``prompts.<set>.target_fidelity``, ...).
-EXTRA_METRIC_PREFIXES = ("lm_eval.", "benchmark.", "prompts.")
+PROMPT_SET_PREFIX = "prompts."  # prompts.<set>.target_fidelity, .n_target, ... (eval/set_answers)
+EXTRA_METRIC_PREFIXES = ("lm_eval.", "benchmark.", PROMPT_SET_PREFIX)
 
 
 def extra_metric_names(names: Iterable[str]) -> list[str]:
@@ -170,7 +171,7 @@ def results_table(grid: Any, spec: SweepSpec) -> pa.Table:
         rows.append(row)
         base = {m: _float(metrics.get(f"base_{m}")) for m in BASE_METRICS}
         base.update({m.removeprefix("base_"): _float(v) for m, v in metrics.items()
-                     if m.startswith(("base_benchmark.", "base_prompts."))})
+                     if m.startswith(("base_benchmark.", f"base_{PROMPT_SET_PREFIX}"))})
         if any(v is not None for v in base.values()):  # the untrained model: budget 0
             bases[(cell.model, cell.language)] = {
                 "run": spec.run.name, "trial_id": f"base-{cell.model}-{cell.language}",

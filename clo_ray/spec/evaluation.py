@@ -240,8 +240,9 @@ class EvaluationSection(Section):
     max_new_tokens: int = Field(256, gt=0)
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     # Prompts per generate call with transformers (answers and a local judge; vLLM schedules
-    # its own batches). Decoding on CPU is memory-bound, so larger batches are much faster
-    # there (SmolLM2-135M, 96 sampled prompts, 2 cores: 100 s at 8, 66 s at 48).
+    # its own batches). Fewer, larger calls mean fewer decoding passes over the weights
+    # (SmolLM2-135M, 48 sampled prompts, 2 cores: 33 s at 8, 26 s at 48); padding to the
+    # longest prompt in a call is the price, so GPU users with long prompts keep it small.
     batch_size: int = Field(8, gt=0)
     langid_threshold: float = Field(0.5, ge=0, le=1)
     prompt_sets: list[PromptSetSpec] = []

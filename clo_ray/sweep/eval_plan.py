@@ -50,12 +50,11 @@ def evaluation_cost(spec: SweepSpec) -> list[str]:
     unknown = [name for name, n in sizes.items() if n is None]
     prompts = {name: n or 0 for name, n in sizes.items()}
     heldout = 2 * evaluation.max_prompts
-    sets = sum(n * (2 if s.english else 1) for s, n in zip(evaluation.prompt_sets,
-                                                             prompts.values(), strict=True))
+    sides = {"heldout": 2, **{s.name: 2 if s.english else 1 for s in evaluation.prompt_sets}}
+    sets = sum(n * sides[name] for name, n in prompts.items())
     lines = [f"generations: {heldout + sets:,} per evaluated model ({heldout} held-out "
              f"prompts, {sets:,} prompt-set prompts; target language, + English where a set "
-             f"asks) x {trials + bases:,} "
-             f"models ({trials:,} trials + {bases} base models) = "
+             f"asks) x {trials + bases:,} models ({trials:,} trials + {bases} base models) = "
              f"{(heldout + sets) * (trials + bases):,}"]
     to_translate = {name: [c for c in spec.languages if c not in held[name]]
                     for name in sizes}
@@ -74,7 +73,6 @@ def evaluation_cost(spec: SweepSpec) -> list[str]:
                 comparisons += trials - per_cell * sum(c.budget == largest for c in sft)
             else:
                 comparisons += trials
-        sides = {"heldout": 2, **{s.name: 2 if s.english else 1 for s in evaluation.prompt_sets}}
         judged = {"heldout": evaluation.max_prompts, **prompts}
         items = sum(judged.get(name, 0) * sides[name] for name in evaluation.judged_sets())
         calls = comparisons * items * 2  # both answer orders
@@ -82,8 +80,7 @@ def evaluation_cost(spec: SweepSpec) -> list[str]:
         lines.append(f"judge calls: {calls:,} = {comparisons:,} comparisons "
                      f"({', '.join(judge.opponents)}) x {items:,} items (prompt sets "
                      f"{', '.join(evaluation.judged_sets())}; target language, + English where a "
-                     f"set asks) x 2 answer "
-                     f"orders, on {where}")
+                     f"set asks) x 2 answer orders, on {where}")
     tasks = 2 * len(evaluation.benchmarks) + len(evaluation.lm_eval.tasks)
     if tasks:
         names = ", ".join([*evaluation.benchmarks, *evaluation.lm_eval.tasks])
