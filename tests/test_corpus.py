@@ -184,7 +184,7 @@ def test_to_ray_dataset(tmp_path):
     import ray
 
     corpus = load_corpus(str(write(tmp_path / "c.jsonl", ROWS["prompt_response"])))
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         ds = to_ray_dataset(corpus)
         assert ds.count() == 2

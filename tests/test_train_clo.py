@@ -87,7 +87,7 @@ def ray_local():
 
     env = ray_runtime_env()  # Train's controller waits 3 s per placement attempt (not 60)
     env["env_vars"]["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "3"
-    ray.init(num_cpus=4, runtime_env=env)
+    ray.init(address="local", num_cpus=4, runtime_env=env)
     yield
     ray.shutdown()
 

@@ -92,7 +92,7 @@ def test_clo_raises_held_out_direction_accuracy(smollm2_cut, tmp_path):
     base = held_out_logps(smollm2_cut, eval_table)
     start = direction_accuracy(base, base)  # no preference yet: every margin is 0
 
-    ray.init(num_cpus=4, runtime_env=ray_runtime_env())
+    ray.init(address="local", num_cpus=4, runtime_env=ray_runtime_env())
     try:
         result = run_training(spec, pairs, model=str(smollm2_cut), method="clo",
                               run=TrainRun(name="smol"))

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
 

@@ -42,7 +42,7 @@ def test_space_is_restricted_to_what_the_method_trains():
 def ray_session():
     # the trainable below lives in this test module: Ray's workers must be able to import it
     here = str(Path(__file__).resolve().parent)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": here}})
     yield
     ray.shutdown()
