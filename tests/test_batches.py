@@ -78,6 +78,41 @@ def test_pair_sequences_in_loss_row_order(translations, tokenizer, loss: str) ->
         assert split(tokenizer, example, TGT_REJECTED) == (x_l, y_en)
 
 
+def preference_rows() -> pa.Table:
+    return pa.Table.from_pylist([{
+        "id": "u-1", "language": "sw", "prompt_en": "Name a fruit.", "response_en": "A mango.",
+        "rejected_en": "A chair.", "prompt": "Taja tunda.", "response": "Embe.",
+        "rejected": "Kiti."}])
+
+
+@pytest.mark.parametrize("loss, dpo_pairs, expected", [
+    # CRPO: four answers to the target prompt, hierarchy order y_w^t, y_w^e, y_l^t, y_l^e
+    ("crpo", "cross_lingual", [("Taja tunda.", "Embe."), ("Taja tunda.", "A mango."),
+                               ("Taja tunda.", "Kiti."), ("Taja tunda.", "A chair.")]),
+    # CRPO's SFT+DPO: each language's chosen over its own rejected, in the dpo row order
+    ("dpo", "monolingual", [("Name a fruit.", "A mango."), ("Name a fruit.", "A chair."),
+                            ("Taja tunda.", "Embe."), ("Taja tunda.", "Kiti.")]),
+    # CRPO's CLO baseline: the chosen answers, CLO's usual cross-lingual rows
+    ("clo", "cross_lingual", [("Name a fruit.", "A mango."), ("Name a fruit.", "Embe."),
+                              ("Taja tunda.", "Embe."), ("Taja tunda.", "A mango.")]),
+])
+def test_preference_layouts(tokenizer, loss: str, dpo_pairs: str,
+                            expected: list[tuple[str, str]]) -> None:
+    [example] = encode_examples(preference_rows(), tokenizer, loss=loss, template=TEMPLATE,
+                                max_length=1024, dpo_pairs=dpo_pairs)
+    eos = tokenizer.eos_token
+    assert [split(tokenizer, example, s) for s in range(4)] == [
+        (format_prompt(tokenizer, x, TEMPLATE), y + eos) for x, y in expected]
+
+
+@pytest.mark.parametrize("loss, dpo_pairs", [("crpo", "cross_lingual"), ("dpo", "monolingual")])
+def test_preference_layouts_on_sft_pairs_say_what_is_missing(translations, tokenizer, loss,
+                                                             dpo_pairs) -> None:
+    with pytest.raises(EncodingError, match=r"\['rejected', 'rejected_en'\].*preference corpus"):
+        encode_examples(translations("sw", limit=2), tokenizer, loss=loss, template=TEMPLATE,
+                        max_length=64, dpo_pairs=dpo_pairs)
+
+
 @pytest.mark.parametrize("sft_data, expected", [
     ("target", [("prompt", "response")]),
     ("english", [("prompt_en", "response_en")]),

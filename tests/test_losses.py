@@ -13,6 +13,7 @@ from clo_ray.train.losses import (
     TGT_CHOSEN,
     TGT_REJECTED,
     clo_loss,
+    crpo_loss,
     dpo_loss,
     sequence_logps,
     sft_loss,
@@ -195,3 +196,35 @@ def test_a_gradient_step_lowers_the_clo_loss_and_prefers_the_right_language():
     after = loss_now()
     assert after.loss.item() < before.loss.item()
     assert after.metrics["en_reward_margin"] > 0 and after.metrics["target_reward_margin"] > 0
+
+
+def test_crpo_objective_passes_the_stage_settings_and_names_metrics():
+    """The objective is crpo_loss with the stage's alpha, beta, weighting and relevance."""
+    g = torch.Generator().manual_seed(3)
+    reference = -torch.rand(4, 3, generator=g, dtype=torch.float64) * 30
+    policy = reference + torch.randn(4, 3, generator=g, dtype=torch.float64)
+    n_tokens = torch.full((4, 3), 5.0, dtype=torch.float64)
+    stage = StageSpec.model_validate({"loss": "crpo", "modules": ["attention"], "steps": 1,
+                                      "alpha": 0.4, "beta": 0.3, "lambda_weighting": "ndcg2pp",
+                                      "lambda_mu": 4.0, "relevance": [4, 2, 1, 0]})
+    out = OBJECTIVES["crpo"](stage, policy, reference, n_tokens)
+    direct = crpo_loss(policy, reference, n_tokens, alpha=0.4, beta=0.3, weighting="ndcg2pp",
+                       mu=4.0, relevance=(4, 2, 1, 0))
+    assert out.loss.item() == pytest.approx(direct.loss.item(), abs=1e-12)
+    assert out.metrics["train_loss"] == pytest.approx(direct.metrics["loss"])
+    assert out.metrics["target_nll"] == pytest.approx(-policy[0].sum().item() / 15)
+    assert out.metrics["english_nll"] == pytest.approx(-policy[1].sum().item() / 15)
+    assert {"loss_lambda", "ranking_accuracy", "ranking_exact"} <= set(out.metrics)
+    defaults = StageSpec.model_validate({"loss": "crpo", "modules": ["attention"], "steps": 1})
+    assert (defaults.alpha, defaults.beta, defaults.lambda_weighting, defaults.lambda_mu,
+            defaults.relevance) == (0.2, 0.1, "ndcg2", 10.0, (3.0, 2.0, 1.0, 0.0))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"loss": "crpo", "relevance": [3, 1, 2, 0]}, "strictly decreasing"),
+    ({"loss": "clo", "alpha": 0.2}, "does not apply to a 'clo' stage"),
+    ({"loss": "crpo", "dpo_pairs": "monolingual"}, "does not apply to a 'crpo' stage"),
+])
+def test_crpo_stage_settings_are_checked(fields, message):
+    with pytest.raises(ValueError, match=message):
+        StageSpec.model_validate({"modules": ["attention"], "steps": 1, **fields})

@@ -120,9 +120,11 @@ def test_reference_key_changes_with_each_input() -> None:
     assert key == ref.reference_key(**base) and len(key) == 20
     changed = [dict(base, model_ref="builtin:smollm2-135m"), dict(base, data_fingerprint="abd"),
                dict(base, template="{prompt}\n"), dict(base, max_length=1024),
-               dict(base, loss="sft"), dict(base, loss="sft", sft_data="both")]
+               dict(base, loss="sft"), dict(base, loss="sft", sft_data="both"),
+               dict(base, loss="crpo"), dict(base, loss="dpo", dpo_pairs="monolingual")]
     keys = {ref.reference_key(**c) for c in changed}
     assert len(keys) == len(changed) and key not in keys
     # clo and dpo encode the same 4 sequences per pair, so they share the cache
     assert ref.reference_key(**dict(base, loss="dpo")) == key
     assert ref.reference_key(**dict(base, sft_data="english")) == key  # sft only
+    assert ref.reference_key(**dict(base, dpo_pairs="monolingual")) == key  # dpo only

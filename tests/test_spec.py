@@ -224,7 +224,7 @@ BAD = {  # id: (mutation, substrings the message must contain)
          "(got ['mlp', 'ffn'])"]),
     "search_param_for_unused_loss": (lambda d: d.update(
         methods=["sft"], search={"space": {"beta": {"type": "float", "low": 0.05, "high": 0.5}}}),
-        ["search.space.beta: no method has a clo/dpo stage", "(got 'beta'; allowed: lr, "]),
+        ["search.space.beta: no method has a clo/dpo/crpo stage", "(got 'beta'; allowed: lr, "]),
     "template_without_text": (_set("translator", {"backend": "causal", "model": "Qwen/Qwen2.5-3B",
                                                   "prompt_template": "To {target_name}:"}),
                               ["translator.prompt_template: template must contain {text} "

@@ -39,6 +39,8 @@ SEARCH_FIELDS: dict[str, tuple[tuple[str, ...], str, Any]] = {
     "beta": (("float", "categorical"), "a number > 0", lambda v: _number(v) and v > 0),
     "lambda": (("float", "categorical"), "a number in [0, 1]",
                lambda v: _number(v) and 0 <= v <= 1),
+    "alpha": (("float", "categorical"), "a number in [0, 1]",
+              lambda v: _number(v) and 0 <= v <= 1),
     "epochs": (("float", "int", "categorical"), "a number > 0", lambda v: _number(v) and v > 0),
     "steps": (("int", "categorical"), "an integer >= 1", lambda v: _integer(v) and v >= 1),
     "warmup_ratio": (("float", "categorical"), "a number in [0, 1)",

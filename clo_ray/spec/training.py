@@ -22,16 +22,24 @@ from clo_ray.spec.sections import (
 
 # ------------------------------------------------------------------------------ stages
 
-LOSSES = ("clo", "sft", "dpo")
+LOSSES = ("clo", "sft", "dpo", "crpo")
 # field -> (losses it applies to, default for those losses). Setting one on another loss is
 # an error: e.g. lambda on an sft stage would silently do nothing.
 LOSS_FIELDS: dict[str, tuple[tuple[str, ...], Any]] = {
     "lambda": (("clo",), 0.5),  # the paper: 0.5 for every model and language
-    "beta": (("clo", "dpo"), 0.1),  # not given by the paper; the follow-up's value
+    "beta": (("clo", "dpo", "crpo"), 0.1),  # not given by the CLO paper; CRPO's value
     "sft_data": (("sft",), "target"),  # the paper's SFT baseline: translated data only
     "dpo_variant": (("dpo",), "sigmoid"),
+    # cross_lingual: the CLO paper's SFT+DPO on CLO's pairs; monolingual: CRPO's, each
+    # language's chosen over its own rejected answer (preference data)
+    "dpo_pairs": (("dpo",), "cross_lingual"),
     "pair_reduction": (("clo", "dpo"), "sum"),  # the paper writes the two directions summed
-    "nll_reduction": (("clo", "sft"), "token"),  # not stated by the paper
+    "nll_reduction": (("clo", "sft", "crpo"), "token"),  # not stated by the paper
+    "alpha": (("crpo",), 0.2),  # CRPO: weight of the ranking term (1 - alpha on the NLL)
+    "lambda_weighting": (("crpo",), "ndcg2"),  # CRPO's main scheme
+    "lambda_mu": (("crpo",), 10.0),  # nDCG2++'s mu
+    # psi of y_w^t, y_w^e, y_l^t, y_l^e; CRPO's Appendix A values were not available to us
+    "relevance": (("crpo",), (3.0, 2.0, 1.0, 0.0)),
 }
 
 
@@ -65,7 +73,7 @@ class StageSpec(Section):
     """
 
     name: str | None = None
-    loss: Literal["clo", "sft", "dpo"]
+    loss: Literal["clo", "sft", "dpo", "crpo"]
     modules: list[str]  # module sets (clo_ray.models.resolve.MODULE_SETS); the paper: attention
     lora: LoraSpec | None = None
     layers: tuple[int, int] | None = None  # [start, end) decoder layers; default all
@@ -78,7 +86,12 @@ class StageSpec(Section):
     sft_data: Literal["target", "english", "both"] | None = None  # sft only
     dpo_variant: Literal["sigmoid", "ipo"] | None = None  # dpo only
     pair_reduction: Literal["sum", "mean"] | None = None  # clo, dpo: the two directions
-    nll_reduction: Literal["token", "sequence"] | None = None  # clo, sft: NLL averaging
+    nll_reduction: Literal["token", "sequence"] | None = None  # clo, sft, crpo: NLL averaging
+    dpo_pairs: Literal["cross_lingual", "monolingual"] | None = None  # dpo only
+    alpha: float | None = Field(None, ge=0, le=1)  # crpo: weight of the ranking loss
+    lambda_weighting: Literal["lambdarank", "ndcg2", "ndcg2pp"] | None = None  # crpo only
+    lambda_mu: float | None = Field(None, ge=0)  # crpo, ndcg2pp only
+    relevance: tuple[float, float, float, float] | None = None  # crpo: psi per candidate
 
     @field_validator("modules", mode="before")
     @classmethod
@@ -118,6 +131,10 @@ class StageSpec(Section):
             elif self.loss not in losses:
                 found.add(key, f"does not apply to a {self.loss!r} stage",
                           allowed=[f"losses {', '.join(losses)}"], value=getattr(self, attr))
+        if self.relevance is not None and not all(
+                a > b for a, b in zip(self.relevance, self.relevance[1:], strict=False)):
+            found.add("relevance", "must keep CRPO's hierarchy y_w^t > y_w^e > y_l^t > y_l^e "
+                      "(strictly decreasing)", value=list(self.relevance))
         found.raise_if_any()
         return self
 

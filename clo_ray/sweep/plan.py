@@ -147,7 +147,7 @@ def _parameters(spec: SweepSpec) -> dict[str, float | None]:
 
 def _stage_tokens(loss: str, sft_data: str | None, english: float, target: float) -> float:
     """Tokens one pair contributes to a stage (all its sequences)."""
-    if loss in ("clo", "dpo"):
+    if loss in ("clo", "dpo", "crpo"):
         return 2 * (english + target)
     return {"target": target, "english": english}.get(sft_data or "", english + target)
 
@@ -161,7 +161,7 @@ def _schedule_cost(spec: SweepSpec, schedule: str, budget: int, english: float,
         pairs = stage.epochs * budget if stage.epochs else \
             (stage.steps or 0) * spec.train.batch_pairs  # one of the two is set
         train += pairs * per_pair
-        if stage.loss in ("clo", "dpo"):
+        if stage.loss in ("clo", "dpo", "crpo"):
             if i == 0:
                 ref_shared = budget * per_pair
             else:

@@ -6,8 +6,18 @@ can never be split across micro-batches. Sequences per example (:data:`SEQUENCES
 - clo, dpo: 4, in the row order of :mod:`clo_ray.train.losses`:
   ``(x_en, y_en)`` EN_CHOSEN, ``(x_en, y_l)`` EN_REJECTED, ``(x_l, y_l)`` TGT_CHOSEN,
   ``(x_l, y_en)`` TGT_REJECTED. DPO uses the same cross-lingual pairs (the paper's SFT+DPO).
+- dpo with ``dpo_pairs: monolingual`` (CRPO's SFT+DPO baseline, preference data): 4, the same
+  rows with each language's own rejected answer: ``(x_en, y_w^e)``, ``(x_en, y_l^e)``,
+  ``(x_l, y_w^t)``, ``(x_l, y_l^t)``.
+- crpo: 4 answers to the target prompt, CRPO's hierarchy order (``CRPO_*`` rows):
+  ``(x_l, y_w^t)``, ``(x_l, y_w^e)``, ``(x_l, y_l^t)``, ``(x_l, y_l^e)``.
 - sft: 1 for ``sft_data`` "target" ``(x_l, y_l)`` or "english" ``(x_en, y_en)``; 2 for
   "both" (target first, then English) -- see :data:`SFT_SEQUENCES`.
+
+Each layout is data (:data:`LAYOUTS`: (prompt column, response column) per sequence). On
+preference data ``response_en`` / ``response`` hold the chosen answers and
+``rejected_en`` / ``rejected`` the rejected ones, so clo and sft read it unchanged (CRPO's
+CLO baseline: the chosen answers).
 
 Encoding: the prompt goes through the tokenizer's chat template (one user turn plus the
 generation prompt) when it has one, else through the spec's plain template (base models);
@@ -31,7 +41,7 @@ right: position ids then equal those of the unpadded sequence, so log-probs do n
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +50,22 @@ import torch
 
 from clo_ray.errors import CloRayError
 
-SEQUENCES: dict[str, int] = {"clo": 4, "dpo": 4, "sft": 1}  # sft: 2 when sft_data is "both"
+SEQUENCES: dict[str, int] = {"clo": 4, "dpo": 4, "crpo": 4, "sft": 1}  # sft "both": 2
 SFT_SEQUENCES: dict[str, int] = {"target": 1, "english": 1, "both": 2}
+DPO_PAIRS = ("cross_lingual", "monolingual")
+# encoding name -> (prompt column, response column) of each sequence, in loss row order
+LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "pairs": (("prompt_en", "response_en"), ("prompt_en", "response"),
+              ("prompt", "response"), ("prompt", "response_en")),
+    "monolingual": (("prompt_en", "response_en"), ("prompt_en", "rejected_en"),
+                    ("prompt", "response"), ("prompt", "rejected")),
+    "ranked": (("prompt", "response"), ("prompt", "response_en"),
+               ("prompt", "rejected"), ("prompt", "rejected_en")),
+    "sft-target": (("prompt", "response"),),
+    "sft-english": (("prompt_en", "response_en"),),
+    "sft-both": (("prompt", "response"), ("prompt_en", "response_en")),
+}
+PREFERENCE_COLUMNS = ("rejected_en", "rejected")
 
 
 class EncodingError(CloRayError, ValueError):
@@ -77,6 +101,19 @@ def n_sequences(loss: str, sft_data: str = "target") -> int:
     return SEQUENCES[loss]
 
 
+def encoding_name(loss: str, sft_data: str = "target", dpo_pairs: str = "cross_lingual") -> str:
+    """The :data:`LAYOUTS` entry a stage encodes its rows with (also part of the reference
+    cache key: clo and cross-lingual dpo share "pairs")."""
+    n_sequences(loss, sft_data)  # validates loss and sft_data
+    if loss == "sft":
+        return f"sft-{sft_data}"
+    if loss == "crpo":
+        return "ranked"
+    if loss == "dpo" and dpo_pairs not in DPO_PAIRS:
+        raise EncodingError(f"unknown dpo_pairs {dpo_pairs!r}; use {list(DPO_PAIRS)}")
+    return "monolingual" if loss == "dpo" and dpo_pairs == "monolingual" else "pairs"
+
+
 def format_prompt(tokenizer: Any, prompt: str, template: str) -> str:
     """The prompt as the model sees it before the response (see the module docstring)."""
     if getattr(tokenizer, "chat_template", None):
@@ -86,9 +123,10 @@ def format_prompt(tokenizer: Any, prompt: str, template: str) -> str:
 
 
 def encode_examples(rows: pa.Table, tokenizer: Any, *, loss: str, template: str,
-                    max_length: int, sft_data: str = "target") -> list[Example]:
+                    max_length: int, sft_data: str = "target",
+                    dpo_pairs: str = "cross_lingual") -> list[Example]:
     """One :class:`Example` per row of ``rows`` (the translate stage's columns), in row order."""
-    count = n_sequences(loss, sft_data)
+    layout = LAYOUTS[encoding_name(loss, sft_data, dpo_pairs)]
     if max_length < 2:
         raise EncodingError(f"max_length {max_length} leaves no room for a prompt token and a "
                             f"response token; use at least 2 (typical: 1024-4096)")
@@ -97,24 +135,23 @@ def encode_examples(rows: pa.Table, tokenizer: Any, *, loss: str, template: str,
                             "the model learns to stop")
     if rows.num_rows == 0:
         return []
+    missing = sorted({c for pair in layout for c in pair} - set(rows.column_names))
+    if missing:
+        hint = (" (a preference corpus gives them: data.format ultrafeedback or preference)"
+                if set(missing) & set(PREFERENCE_COLUMNS) else "")
+        raise EncodingError(f"a {loss!r} stage reads columns {missing} that the training "
+                            f"rows lack{hint}")
     chat = bool(getattr(tokenizer, "chat_template", None))
-    column = {name: rows.column(name).to_pylist()
-              for name in ("id", "language", "prompt_en", "response_en", "prompt", "response")}
-    prompts = [format_prompt(tokenizer, text, template)
-               for text in column["prompt_en"] + column["prompt"]]
-    prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
-    response_ids = tokenizer(column["response_en"] + column["response"],
-                             add_special_tokens=False)["input_ids"]
+    prompt_columns = list(dict.fromkeys(p for p, _ in layout))
+    response_columns = list(dict.fromkeys(r for _, r in layout))
+    prompt_ids = _encode_columns(rows, prompt_columns, tokenizer, add_special_tokens=not chat,
+                                 render=lambda text: format_prompt(tokenizer, text, template))
+    response_ids = _encode_columns(rows, response_columns, tokenizer, add_special_tokens=False,
+                                   render=None)
+    eos = [tokenizer.eos_token_id]
+    parts = [(prompt_ids[p], [[*ids, *eos] for ids in response_ids[r]]) for p, r in layout]
+    column = {name: rows.column(name).to_pylist() for name in ("id", "language")}
     n = rows.num_rows
-    x_en, x_l = prompt_ids[:n], prompt_ids[n:]
-    y_en = [[*ids, tokenizer.eos_token_id] for ids in response_ids[:n]]
-    y_l = [[*ids, tokenizer.eos_token_id] for ids in response_ids[n:]]
-    if loss in ("clo", "dpo"):
-        parts = [(x_en, y_en), (x_en, y_l), (x_l, y_l), (x_l, y_en)]
-    else:
-        parts = {"target": [(x_l, y_l)], "english": [(x_en, y_en)],
-                 "both": [(x_l, y_l), (x_en, y_en)]}[sft_data]
-    assert len(parts) == count
     examples = []
     for i in range(n):
         sequences = [_truncate(prompt[i], response[i], max_length, column["id"][i])
@@ -123,6 +160,18 @@ def encode_examples(rows: pa.Table, tokenizer: Any, *, loss: str, template: str,
                                 input_ids=tuple(ids for ids, _ in sequences),
                                 response_starts=tuple(start for _, start in sequences)))
     return examples
+
+
+def _encode_columns(rows: pa.Table, names: Sequence[str], tokenizer: Any, *,
+                    add_special_tokens: bool, render: Callable[[str], str] | None
+                    ) -> dict[str, list[list[int]]]:
+    """Token ids of every row of each text column in ``names``, one tokenizer call for all."""
+    texts = [text for name in names for text in rows.column(name).to_pylist()]
+    if render is not None:
+        texts = [render(text) for text in texts]
+    ids = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    n = rows.num_rows
+    return {name: ids[k * n:(k + 1) * n] for k, name in enumerate(names)}
 
 
 def _truncate(prompt: list[int], response: list[int], max_length: int,

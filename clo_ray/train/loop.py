@@ -114,7 +114,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         examples = encode_examples(rows, tokenizer, loss=stage.loss,
                                    template=train.prompt_template,
                                    max_length=train.max_length,
-                                   sft_data=stage.sft_data or "target")
+                                   sft_data=stage.sft_data or "target",
+                                   dpo_pairs=stage.dpo_pairs or "cross_lingual")
 
         # 4b. the model at the stage start
         model: Any = stage_start_model(model_dir, dtype, run.finished)  # a transformers model

@@ -1,4 +1,4 @@
-"""CLO, DPO and SFT losses: pure torch, no Ray, no model code.
+"""CLO, DPO, SFT and CRPO losses: pure torch, no Ray, no model code.
 
 Everything works on *summed response log-probs* per sequence (see ``sequence_logps``): the
 model runs once per step on a padded batch and the losses only rearrange these numbers.
@@ -15,10 +15,14 @@ Defaults for the points the CLO paper (Lee et al., ACL 2025) leaves open:
 ``preference_accuracy`` (:func:`preference_accuracy`) means one thing in training and in
 evaluation (:mod:`clo_ray.eval.heldout`): the share of CLO pairs whose implicit reward prefers
 the prompt's language in both directions. Each direction's own share is ``*_reward_accuracy``.
+
+CRPO (Lee et al., arXiv 2608.23149) ranks four answers to the *target* prompt with LambdaLoss
+(:func:`crpo_loss`); its choices where the summary in docs leaves them open are stated there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,10 +32,20 @@ import torch.nn.functional as F
 Directions = Literal["sum", "mean"]
 NllReduction = Literal["token", "sequence", "sum"]
 DpoVariant = Literal["sigmoid", "ipo"]
+LambdaWeighting = Literal["lambdarank", "ndcg2", "ndcg2pp"]
 
 # Row order of the [4, P] tensors of a CLO batch: for pair p,
 #   x_en: y_en (chosen) > y_l (rejected)   and   x_l: y_l (chosen) > y_en (rejected).
 EN_CHOSEN, EN_REJECTED, TGT_CHOSEN, TGT_REJECTED = range(4)
+
+# Row order of the [4, P] tensors of a CRPO batch: all four rows answer the TARGET prompt x_t,
+# listed in CRPO's relevance hierarchy psi(y_w^t) > psi(y_w^e) > psi(y_l^t) > psi(y_l^e).
+CRPO_TGT_CHOSEN, CRPO_EN_CHOSEN, CRPO_TGT_REJECTED, CRPO_EN_REJECTED = range(4)
+# psi per row. CRPO's Appendix A gives its own gain values; they were not available to us, so
+# the default is the plainest one that keeps the hierarchy (graded relevance 3 > 2 > 1 > 0,
+# gains 2^psi - 1 = 7, 3, 1, 0). The spec's ``relevance`` overrides it.
+CRPO_RELEVANCE: tuple[float, ...] = (3.0, 2.0, 1.0, 0.0)
+CRPO_NLL_ROW = CRPO_TGT_CHOSEN  # the NLL term: the target-language chosen answer
 
 
 @dataclass
@@ -161,6 +175,100 @@ def clo_loss(policy: torch.Tensor, reference: torch.Tensor, n_tokens: torch.Tens
     loss = lambda_ * nll + (1.0 - lambda_) * cl.loss
     metrics = {"loss": loss.item(), "nll_target": nll.item(), "loss_cl": cl.loss.item()}
     metrics.update(cl.metrics)
+    return LossOutput(loss, metrics)
+
+
+def score_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each candidate among its prompt's candidates by score, 1 = highest: [N, P] long.
+
+    Taken from the *current* scores at every step, without gradient. A rank is piecewise
+    constant in the scores (zero gradient almost everywhere, none at a tie), and LambdaLoss
+    (Wang et al. 2018) and LambdaRank both weight each pair by the ranking the model gives
+    now, treating those weights as constants of the step; differentiating through a smoothed
+    rank would be another loss. Ties (every score is 0 while policy == reference, i.e. at the
+    first step) go to the row listed first, which is the more relevant one.
+    """
+    with torch.no_grad():
+        order = torch.sort(scores, dim=0, descending=True, stable=True).indices
+        positions = torch.arange(1, scores.shape[0] + 1, device=scores.device)
+        return torch.empty_like(order).scatter_(0, order, positions[:, None].expand_as(order))
+
+
+def lambda_weights(ranks: torch.Tensor, relevance: torch.Tensor,
+                   weighting: LambdaWeighting = "ndcg2", mu: float = 10.0) -> torch.Tensor:
+    """Delta_ij of LambdaLoss for every ordered pair of candidates: [N, N, P].
+
+    ranks [N, P] (1 = best, :func:`score_ranks`), relevance psi [N]. Gains G = 2^psi - 1,
+    discount D(r) = ln(1 + r) (the natural log: another base only rescales every weight).
+    lambdarank: |G_i - G_j| |1/D(r_i) - 1/D(r_j)|; ndcg2 (CRPO's main scheme):
+    |G_i - G_j| |1/D(|r_i - r_j|) - 1/D(|r_i - r_j| + 1)|; ndcg2pp: mu * ndcg2 + lambdarank.
+    The diagonal (i == j) is 0.
+    """
+    r = ranks.to(relevance.dtype)
+    gains = torch.exp2(relevance) - 1
+    gain_gap = (gains[:, None] - gains[None, :]).abs()[:, :, None]  # [N, N, 1]
+    inverse = 1 / torch.log1p(r)  # [N, P]
+    lambdarank = gain_gap * (inverse[:, None] - inverse[None, :]).abs()
+    gap = (r[:, None] - r[None, :]).abs().clamp(min=1)  # ranks differ off the diagonal
+    ndcg2 = gain_gap * (1 / torch.log1p(gap) - 1 / torch.log1p(gap + 1))
+    ndcg2 = ndcg2 * (1 - torch.eye(len(relevance), dtype=r.dtype, device=r.device))[:, :, None]
+    if weighting == "lambdarank":
+        return lambdarank
+    if weighting == "ndcg2":
+        return ndcg2
+    if weighting == "ndcg2pp":
+        return mu * ndcg2 + lambdarank
+    raise ValueError(f"unknown lambda weighting {weighting!r}; use lambdarank, ndcg2 or ndcg2pp")
+
+
+def lambda_loss(scores: torch.Tensor, relevance: torch.Tensor,
+                weighting: LambdaWeighting = "ndcg2", mu: float = 10.0) -> torch.Tensor:
+    """LambdaLoss of P candidate lists, scores [N, P], relevance psi [N]: a scalar.
+
+    Per prompt: sum over pairs with psi_i > psi_j of Delta_ij * ln(1 + exp(-(s_i - s_j))),
+    Delta from the current ranks (no gradient, :func:`score_ranks`); averaged over prompts.
+    """
+    weights = lambda_weights(score_ranks(scores), relevance, weighting, mu)
+    above = (relevance[:, None] > relevance[None, :]).to(scores.dtype)[:, :, None]
+    per_pair = weights * F.softplus(-(scores[:, None] - scores[None, :])) * above
+    return per_pair.sum(dim=(0, 1)).mean()
+
+
+def crpo_loss(policy: torch.Tensor, reference: torch.Tensor, n_tokens: torch.Tensor, *,
+              alpha: float = 0.2, beta: float = 0.1, weighting: LambdaWeighting = "ndcg2",
+              mu: float = 10.0, relevance: Sequence[float] | None = None,
+              nll_reduction: NllReduction = "token") -> LossOutput:
+    """L_CRPO = (1 - alpha) * NLL(y_w^t | x_t) + alpha * L_lambda over P target prompts.
+
+    policy, reference, n_tokens: [4, P] summed response log-probs (and token counts) of the
+    four answers to x_t in the order CRPO_TGT_CHOSEN, CRPO_EN_CHOSEN, CRPO_TGT_REJECTED,
+    CRPO_EN_REJECTED. Scores are DPO implicit rewards s = beta * (log pi - log pi_ref);
+    L_lambda is :func:`lambda_loss` with ``relevance`` (default :data:`CRPO_RELEVANCE`).
+    Metrics: ``loss``, ``nll_target``, ``loss_lambda``, ``ranking_accuracy`` (share of the
+    hierarchy's ordered pairs the scores get right), ``ranking_exact`` (share of prompts
+    ranked exactly as the hierarchy), ``reward_margin`` (s(y_w^t) - s(y_l^t)) and
+    ``language_margin`` (s(y_w^t) - s(y_w^e)).
+    """
+    psi = torch.tensor(CRPO_RELEVANCE if relevance is None else tuple(relevance),
+                       dtype=torch.promote_types(policy.dtype, torch.float32),
+                       device=policy.device)
+    if psi.shape != (policy.shape[0],):
+        raise ValueError(f"relevance needs one value per candidate ({policy.shape[0]}), "
+                         f"got {psi.tolist()}")
+    scores = beta * (policy.to(psi.dtype) - reference.to(psi.dtype))
+    ranking = lambda_loss(scores, psi, weighting, mu)
+    nll = sft_loss(policy[CRPO_NLL_ROW], n_tokens[CRPO_NLL_ROW], nll_reduction)
+    loss = (1.0 - alpha) * nll + alpha * ranking
+    with torch.no_grad():
+        above = psi[:, None] > psi[None, :]
+        right = (scores[:, None] > scores[None, :])[above]  # [pairs, P]
+        metrics = {
+            "loss": loss.item(), "nll_target": nll.item(), "loss_lambda": ranking.item(),
+            "ranking_accuracy": right.double().mean().item(),
+            "ranking_exact": right.all(dim=0).double().mean().item(),
+            "reward_margin": (scores[CRPO_TGT_CHOSEN] - scores[CRPO_TGT_REJECTED]).mean().item(),
+            "language_margin": (scores[CRPO_TGT_CHOSEN] - scores[CRPO_EN_CHOSEN]).mean().item(),
+        }
     return LossOutput(loss, metrics)
 
 

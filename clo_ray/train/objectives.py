@@ -19,6 +19,13 @@ branches on a method name.
   (:func:`~clo_ray.train.losses.cl_loss`, sigmoid or IPO).
 - sft: NLL of every sequence of the micro-batch (target, English or both responses, as
   ``sft_data`` encoded them).
+- crpo: :func:`~clo_ray.train.losses.crpo_loss`; rows CRPO_TGT_CHOSEN, CRPO_EN_CHOSEN,
+  CRPO_TGT_REJECTED, CRPO_EN_REJECTED, all answering the target prompt. Its ``english_nll``
+  is that of y_w^e *given the target prompt* (the only English answer it scores).
+
+The batch layout each loss reads is data too (:data:`clo_ray.train.batches.LAYOUTS`); a dpo
+stage's ``dpo_pairs`` picks the CLO paper's cross-lingual pairs or CRPO's monolingual ones,
+and the same DPO objective trains both.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ import torch
 
 from clo_ray.spec.training import StageSpec
 from clo_ray.train.losses import (
+    CRPO_EN_CHOSEN,
     EN_CHOSEN,
     TGT_CHOSEN,
     LossOutput,
     cl_loss,
     clo_loss,
+    crpo_loss,
     sft_loss,
 )
 
@@ -86,10 +95,25 @@ def sft_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tenso
     return LossOutput(loss, metrics)
 
 
+def crpo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tensor | None,
+                   n_tokens: torch.Tensor) -> LossOutput:
+    """L_CRPO with the stage's alpha, beta, weighting, mu, relevance and NLL reduction."""
+    assert reference is not None, "crpo needs reference log-probs"
+    out = crpo_loss(policy, reference, n_tokens, alpha=_filled(stage.alpha),
+                    beta=_filled(stage.beta), weighting=_filled(stage.lambda_weighting),
+                    mu=_filled(stage.lambda_mu), relevance=_filled(stage.relevance),
+                    nll_reduction=_filled(stage.nll_reduction))
+    metrics = {k: v for k, v in out.metrics.items() if k not in ("loss", "nll_target")}
+    metrics.update(train_loss=out.metrics["loss"], target_nll=out.metrics["nll_target"],
+                   english_nll=_token_nll(policy[CRPO_EN_CHOSEN], n_tokens[CRPO_EN_CHOSEN]))
+    return LossOutput(out.loss, metrics)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "clo": clo_objective,
     "dpo": dpo_objective,
     "sft": sft_objective,
+    "crpo": crpo_objective,
 }
 
 

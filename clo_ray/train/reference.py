@@ -37,7 +37,7 @@ from clo_ray import checked, storage
 from clo_ray.errors import CloRayError
 from clo_ray.spec.training import StageSpec
 from clo_ray.storage import StorageOptions
-from clo_ray.train.batches import Example, n_sequences
+from clo_ray.train.batches import Example, encoding_name, n_sequences
 from clo_ray.train.checkpoint import StageState
 from clo_ray.train.logprobs import batched_response_logps
 from clo_ray.train.loop_config import LoopConfig
@@ -57,16 +57,17 @@ class ReferenceCacheError(CloRayError):
 
 
 def reference_key(model_ref: str, data_fingerprint: str, template: str, max_length: int,
-                  loss: str, sft_data: str | None) -> str:
+                  loss: str, sft_data: str | None, dpo_pairs: str | None = None) -> str:
     """20 hex chars naming everything the reference log-probs depend on.
 
     ``model_ref`` must identify the weights *and* tokenizer (the caller adds dtype and
-    earlier stages' results). clo and dpo encode the same 4 sequences per pair, so they share
-    a key; ``sft_data`` counts only for sft. The plain ``template`` is always included, even
-    when a chat template makes it unused (a needless miss is cheap, a wrong hit is not).
+    earlier stages' results). clo and cross-lingual dpo encode the same 4 sequences per pair,
+    so they share a key; ``sft_data`` counts only for sft, ``dpo_pairs`` only for dpo. The
+    plain ``template`` is always included, even when a chat template makes it unused (a
+    needless miss is cheap, a wrong hit is not).
     """
-    count = n_sequences(loss, sft_data or "target")  # validates loss and sft_data
-    encoding = "pairs" if loss in ("clo", "dpo") else f"sft-{sft_data or 'target'}"
+    count = n_sequences(loss, sft_data or "target")
+    encoding = encoding_name(loss, sft_data or "target", dpo_pairs or "cross_lingual")
     payload = json.dumps({"format": REFERENCE_FORMAT, "model": model_ref,
                           "data": data_fingerprint, "template": template,
                           "max_length": max_length, "encoding": encoding,
@@ -236,7 +237,8 @@ def stage_reference_uri(config: LoopConfig, stage: StageSpec, index: int,
     if index and finished:
         model_key += f"+{tensors_fingerprint(finished)}"
     key = reference_key(model_key, config.pairs_fingerprint, config.train.prompt_template,
-                        config.train.max_length, stage.loss, stage.sft_data or "target")
+                        config.train.max_length, stage.loss, stage.sft_data or "target",
+                        stage.dpo_pairs)
     return reference_uri(config.reference_root, key)
 
 

@@ -30,7 +30,7 @@ from clo_ray.models.selectors import select_parameters
 from clo_ray.spec.search_space import search_key
 from clo_ray.spec.training import LOSS_FIELDS, StageSpec
 
-REFERENCE_LOSSES = ("clo", "dpo")
+REFERENCE_LOSSES = ("clo", "dpo", "crpo")
 # Search keys (clo_ray.spec.schema.SEARCH_FIELDS) -> StageSpec attribute.
 _OVERRIDE_ATTRS = {"lambda": "lambda_", "lora_r": "lora"}
 
@@ -43,7 +43,7 @@ class ScheduleError(CloRayError):
 
 
 def needs_reference(stage: StageSpec) -> bool:
-    """Whether the stage's loss compares against reference log-probs (clo, dpo)."""
+    """Whether the stage's loss compares against reference log-probs (clo, dpo, crpo)."""
     return stage.loss in REFERENCE_LOSSES
 
 
