@@ -241,7 +241,8 @@ BAD = {  # id: (mutation, substrings the message must contain)
          "(judge metrics need judge.enabled"]),
     "unknown_corpus_format": (_set("corpus.format", "csv"),
                               ["corpus.format: unsupported value (got 'csv'; allowed: auto, "
-                               "alpaca, sharegpt, messages, prompt_response, oasst1, parallel)"]),
+                               "alpaca, sharegpt, messages, prompt_response, oasst1, parallel, "
+                               "ultrafeedback, preference)"]),
     "missing_section": (lambda d: d.pop("budgets"), ["budgets: required key missing"]),
 }
 

@@ -17,13 +17,19 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from clo_ray.assets import parallel_sample_path
+from clo_ray.assets import PREFERENCE_SAMPLE_REF, parallel_sample_path, preference_sample_rows
 from clo_ray.data.corpus import load_corpus
 from clo_ray.errors import LanguageError, StorageError
 from clo_ray.spec.schema import load_spec
 from clo_ray.translate import preflight, stage
 from clo_ray.translate.backends import TranslationError
-from clo_ray.translate.cache import OUTPUT_SCHEMA, TranslationCache, read_table, translation_key
+from clo_ray.translate.cache import (
+    OUTPUT_SCHEMA,
+    PREFERENCE_OUTPUT_SCHEMA,
+    TranslationCache,
+    read_table,
+    translation_key,
+)
 from clo_ray.translate.quality import REASONS
 from clo_ray.translate.stage import translate_corpus
 
@@ -100,6 +106,33 @@ def test_parallel_backend_end_to_end_then_cache_hit(ray_session, tmp_path, trans
     for lang in results:
         assert again[lang].cached and again[lang].key == results[lang].key
         assert again[lang].accepted == 30
+
+
+def test_preferences_translate_prompt_chosen_and_rejected(ray_session, tmp_path, monkeypatch):
+    """A preference corpus goes through the same stage and cache, with its rejected answer."""
+    monkeypatch.setenv("CLO_RAY_CACHE", str(tmp_path / "cache"))
+    spec = load_spec({
+        "run": {"name": "t", "storage": str(tmp_path / "store")},
+        "corpus": {"path": PREFERENCE_SAMPLE_REF},
+        "translator": {"backend": "parallel", "path": PREFERENCE_SAMPLE_REF},
+        "languages": ["sw"], "models": [{"name": "builtin:tiny-llama"}], "methods": ["crpo"],
+        "schedules": {"crpo": [{"loss": "crpo", "modules": "attention", "steps": 1}]},
+        "budgets": [4]})
+    corpus = load_corpus(PREFERENCE_SAMPLE_REF, max_rows=12)
+    log = tmp_path / "calls.jsonl"
+    [result] = translate_corpus(spec, corpus=corpus, call_log=str(log)).values()
+    got = read_table(result.translations)
+    assert got.schema.equals(PREFERENCE_OUTPUT_SCHEMA) and result.accepted == 12
+    expected = {row["text"]["en"]["prompt"]: row["text"] for row in preference_sample_rows()}
+    for row in got.to_pylist():
+        en, sw = expected[row["prompt_en"]]["en"], expected[row["prompt_en"]]["sw"]
+        assert (row["response_en"], row["rejected_en"]) == (en["chosen"], en["rejected"])
+        assert (row["prompt"], row["response"], row["rejected"]) == (
+            sw["prompt"], sw["chosen"], sw["rejected"])
+    assert sum(c["segments"] for c in calls(log)) == 12 * 3  # prompt, chosen, rejected
+    log.unlink()
+    again = translate_corpus(spec, corpus=corpus, call_log=str(log))
+    assert again["sw"].cached and not log.exists()
 
 
 def test_cache_key_changes_only_with_what_shapes_the_output(tmp_path):

@@ -1,4 +1,5 @@
-"""Load an English SFT corpus into rows ``{id, prompt, response, source}``.
+"""Load an English corpus into rows ``{id, prompt, response, source}`` (SFT), or
+``{id, prompt, response, rejected, source}`` (preferences: ``response`` is the chosen answer).
 
 The first stage of a sweep: everything after it (translation, pairs, training) is expensive
 and content-addressed, so this module validates the whole file before returning, names the
@@ -31,9 +32,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from clo_ray import storage
-from clo_ray.assets import PARALLEL_SAMPLE_REF, parallel_sample_path
+from clo_ray.assets import PARALLEL_SAMPLE_REF, PREFERENCE_SAMPLE_REF, builtin_corpus_path
 from clo_ray.data import corpus_formats as formats
-from clo_ray.data.corpus_formats import Pair, RowProblem, Skip
+from clo_ray.data.row_fields import Pair, Preference, RowProblem, Skip
 from clo_ray.errors import CorpusError
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ Stream = Any
 
 SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
                     ("response", pa.string()), ("source", pa.string())])
+# A preference corpus: the chosen answer is ``response`` (so SFT and CLO read it unchanged)
+PREFERENCE_SCHEMA = SCHEMA.insert(3, pa.field("rejected", pa.string()))
 FILE_TYPES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json", ".json.gz": "json",
               ".parquet": "parquet"}
 _LISTED = 5  # locations of further bad rows named in an error message
@@ -60,6 +63,7 @@ class CorpusStats:
     oasst1_other_language: int = 0  # root prompts whose lang is not source_language
     oasst1_prompt_removed: int = 0  # root prompts deleted or rejected by review
     oasst1_no_ranked_reply: int = 0  # root prompts without a ranked, kept assistant reply
+    same_answers: int = 0  # preference rows whose chosen and rejected texts are equal
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,11 @@ class Corpus:
         return self.table.num_rows
 
     @property
+    def preferences(self) -> bool:
+        """Whether rows hold a rejected answer too (a preference corpus)."""
+        return "rejected" in self.table.column_names
+
+    @property
     def fingerprint(self) -> str:
         return corpus_fingerprint(self.table)
 
@@ -87,9 +96,11 @@ def normalise_text(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
-def content_id(prompt: str, response: str) -> str:
-    """``c-`` + 16 hex chars of sha256 over the normalised pair (JSON-encoded: unambiguous)."""
-    payload = json.dumps([normalise_text(prompt), normalise_text(response)], ensure_ascii=False)
+def content_id(prompt: str, response: str, rejected: str | None = None) -> str:
+    """``c-`` + 16 hex chars of sha256 over the normalised pair, or the normalised preference
+    with its ``rejected`` answer (JSON-encoded: unambiguous)."""
+    texts = [prompt, response] if rejected is None else [prompt, response, rejected]
+    payload = json.dumps([normalise_text(t) for t in texts], ensure_ascii=False)
     return "c-" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -144,13 +155,14 @@ def _locate(path: str, fmt: str, storage_options: dict | None) -> tuple[_Source,
     if fmt != "auto" and fmt not in formats.FORMATS:
         raise CorpusError(f"{path}: unknown corpus format {fmt!r}; use 'auto' or one of: "
                           f"{', '.join(formats.FORMATS)}")
-    if path == PARALLEL_SAMPLE_REF:
+    local = builtin_corpus_path(path)
+    if local is not None:
         if fmt not in ("auto", "parallel"):
             raise CorpusError(f"{path} is a 'parallel' corpus, not {fmt!r}")
-        local = parallel_sample_path()
         return _Source(str(local), path, local.name, "jsonl", False), "parallel"
     if path.startswith("builtin:"):
-        raise CorpusError(f"unknown built-in corpus {path!r}; known: {PARALLEL_SAMPLE_REF}")
+        raise CorpusError(f"unknown built-in corpus {path!r}; known: {PARALLEL_SAMPLE_REF}, "
+                          f"{PREFERENCE_SAMPLE_REF}")
     lower = path.lower()
     suffix = next((s for s in sorted(FILE_TYPES, key=len, reverse=True) if lower.endswith(s)), "")
     if not suffix:
@@ -301,8 +313,12 @@ def _check_columns(src: _Source, columns: Iterable[str], fmt: str, variant: str,
 
 def _table(outcomes: Iterable[tuple[Where, formats.Outcome]], scan: _Scan
            ) -> tuple[dict[str, list[str]], int]:
-    """Columns of the kept rows (first of each duplicate) and the number of duplicates."""
-    columns: dict[str, list[str]] = {name: [] for name in SCHEMA.names}
+    """Columns of the kept rows (first of each duplicate) and the number of duplicates.
+
+    The first kept row decides SFT or preference: a file mixing both is a problem at the
+    first row of the other kind (one corpus trains one kind of loss).
+    """
+    columns: dict[str, list[str]] = {}
     seen: set[str] = set()
     duplicates = 0
     for where, outcome in outcomes:
@@ -310,18 +326,31 @@ def _table(outcomes: Iterable[tuple[Where, formats.Outcome]], scan: _Scan
             scan.problems.append((where, outcome))
         elif isinstance(outcome, Skip):
             scan.skips[outcome] += 1
+        elif columns and (len(outcome) == 3) != ("rejected" in columns):
+            kind = "a preference (prompt, chosen, rejected)" if len(outcome) == 3 else \
+                "an SFT pair (prompt, response)"
+            scan.problems.append((where, RowProblem(None, f"{kind}, but the file's first rows "
+                                                    "are of the other kind; keep SFT and "
+                                                    "preference data in separate corpora")))
         elif not scan.problems:  # once the file is bad, only keep counting problems
+            if not columns:
+                schema = PREFERENCE_SCHEMA if len(outcome) == 3 else SCHEMA
+                columns = {name: [] for name in schema.names}
             duplicates += not _append(columns, seen, outcome, f"{scan.src.name}:{where.number}")
-    return columns, duplicates
+    return columns or {name: [] for name in SCHEMA.names}, duplicates
 
 
-def _append(columns: dict[str, list[str]], seen: set[str], pair: Pair, source: str) -> bool:
-    prompt, response = normalise_text(pair[0]), normalise_text(pair[1])
-    row_id = content_id(prompt, response)
+def _append(columns: dict[str, list[str]], seen: set[str], row: Pair | Preference,
+            source: str) -> bool:
+    texts = [normalise_text(t) for t in row]
+    row_id = content_id(*texts)
     if row_id in seen:
         return False
     seen.add(row_id)
-    for name, value in zip(SCHEMA.names, (row_id, prompt, response, source), strict=True):
+    values = {"id": row_id, "prompt": texts[0], "response": texts[1], "source": source}
+    if len(texts) == 3:
+        values["rejected"] = texts[2]
+    for name, value in values.items():
         columns[name].append(value)
     return True
 
@@ -371,7 +400,10 @@ def load_corpus(
     scan.raise_if_bad(f" [read as format {fmt!r}"
                       f"{f', detected from {first[0]}' if detected else ''}]")
     kept = len(columns["id"])
-    if not kept:  # only oasst1 skips rows: every other row is a pair or a problem
+    if not kept and scan.skips[Skip.SAME_ANSWERS]:
+        raise CorpusError(f"{src.display}: all {scan.skips[Skip.SAME_ANSWERS]} preference "
+                          "row(s) have the same chosen and rejected text")
+    if not kept:  # oasst1 skips rows: every other row is a pair or a problem
         raise CorpusError(f"{src.display}: "
                           f"{formats.oasst1_empty_reason(scan.skips, source_language)}")
     if max_rows is not None:
@@ -383,7 +415,8 @@ def load_corpus(
         oasst1_other_language=scan.skips[Skip.OTHER_LANGUAGE],
         oasst1_prompt_removed=scan.skips[Skip.PROMPT_REMOVED],
         oasst1_no_ranked_reply=scan.skips[Skip.NO_RANKED_REPLY],
+        same_answers=scan.skips[Skip.SAME_ANSWERS],
     )
-    table = pa.table(columns, schema=SCHEMA)
+    table = pa.table(columns, schema=PREFERENCE_SCHEMA if "rejected" in columns else SCHEMA)
     logger.info("loaded %d rows from %s as %s: %s", table.num_rows, src.display, fmt, stats)
     return Corpus(table, stats, fmt, path)

@@ -1,113 +1,57 @@
-"""Row formats of English SFT corpora: turn one parsed row into a (prompt, response) pair.
+"""Row formats of English corpora: turn one parsed row into a (prompt, response) pair, or a
+(prompt, chosen, rejected) preference.
 
 Kept apart from ``corpus.py`` (files, ids, dedup) so each format is a small function that can
 be read on its own. A format never sees files: it raises ``RowProblem`` naming the field, and
 the loader adds the file and line. oasst1 is the one format that needs more than one row at a
 time (a flat export spreads a conversation over rows), so it has its own selection function.
+Field checks live in :mod:`clo_ray.data.row_fields`, the preference formats in
+:mod:`clo_ray.data.preference_formats`; this module holds the SFT formats and the registry.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any, TypeVar
+from typing import TypeVar
 
-Pair = tuple[str, str]
-Row = Mapping[str, Any]
+from clo_ray.data.preference_formats import parallel_preference, plain_preference, ultrafeedback
+from clo_ray.data.row_fields import (
+    MESSAGES,
+    SHAREGPT,
+    Pair,
+    Preference,
+    Row,
+    RowProblem,
+    Skip,
+    choice,
+    describe,
+    field,
+    obj,
+    text,
+)
+
+__all__ = ["FORMATS", "RowProblem", "Skip", "describe", "detect", "extract", "variant"]
 W = TypeVar("W")  # a row locator; only the loader knows what it is
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_response", "oasst1", "parallel")
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_response", "oasst1", "parallel",
+           "ultrafeedback", "preference")
+PREFERENCE_FORMATS = ("ultrafeedback", "preference")  # "parallel" may hold preferences too
 FORMAT_KEYS = {  # what auto-detection looks for, also shown in its error message
     "alpaca": "instruction, input, output",
     "sharegpt": "conversations[].from/value",
     "messages": "messages[].role/content",
     "prompt_response": "prompt, response",
     "oasst1": "message_id, parent_id, role, lang, rank, text (flat) or prompt.replies (trees)",
-    "parallel": "text.<language>.prompt/response, e.g. text.en.prompt",
+    "parallel": "text.<language>.prompt/response (or chosen/rejected), e.g. text.en.prompt",
+    "ultrafeedback": "prompt, chosen[]/rejected[] role/content (UltraFeedback binarized)",
+    "preference": "prompt, chosen, rejected",
 }
 
 
-class RowProblem(Exception):
-    """One malformed row: which field (a path like ``conversations[1].from``) and what is wrong."""
-
-    def __init__(self, field: str | None, message: str):
-        super().__init__(f"field {field!r}: {message}" if field else message)
-        self.field = field
-
-
-class Skip(Enum):
-    """Why a well-formed oasst1 root prompt gave no pair (counted in the corpus stats)."""
-
-    OTHER_LANGUAGE = "oasst1 root prompt not in the source language"
-    PROMPT_REMOVED = "oasst1 root prompt deleted or rejected by review"
-    NO_RANKED_REPLY = "oasst1 root prompt without a ranked, kept assistant reply"
-
-
-Outcome = Pair | Skip | RowProblem  # what one row (or flat-oasst1 root) turns into
-
-
-# ---------------------------------------------------------------- field checks
-
-
-def describe(value: Any, limit: int = 60) -> str:
-    """Type and (truncated) value for an error message, e.g. ``int 5`` or ``null``."""
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        if not value:
-            return "empty string"
-        kind = "whitespace-only string" if not value.strip() else "string"
-    else:
-        kind = {bool: "bool", int: "int", float: "float", list: "list", dict: "object"}.get(
-            type(value), type(value).__name__
-        )
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except ValueError:  # circular; cannot happen for parsed JSON
-        text = repr(value)
-    return f"{kind} {text if len(text) <= limit else text[: limit - 3] + '...'}"
-
-
-def field(row: Row, key: str, path: str) -> Any:
-    """``row[key]``; a missing key is a RowProblem that lists the keys the row does have."""
-    if key not in row:
-        keys = ", ".join(map(str, row)) or "none"
-        raise RowProblem(path, f"missing (the object has keys: {keys})")
-    return row[key]
-
-
-def text(row: Row, key: str, path: str) -> str:
-    """A required non-empty string field."""
-    value = field(row, key, path)
-    if not isinstance(value, str) or not value.strip():
-        raise RowProblem(path, f"expected a non-empty string, got {describe(value)}")
-    return value
-
-
-def obj(row: Row, key: str, path: str) -> Row:
-    value = field(row, key, path)
-    if not isinstance(value, dict):
-        raise RowProblem(path, f"expected an object, got {describe(value)}")
-    return value
-
-
-def seq(row: Row, key: str, path: str) -> list[Any]:
-    value = field(row, key, path)
-    if not isinstance(value, list):
-        raise RowProblem(path, f"expected a list, got {describe(value)}")
-    return value
-
-
-def choice(row: Row, key: str, path: str, allowed: tuple[str, ...]) -> str:
-    value = field(row, key, path)
-    if value not in allowed:
-        options = ", ".join(repr(a) for a in allowed)
-        raise RowProblem(path, f"expected one of {options}, got {describe(value)}")
-    return value
+Outcome = Pair | Preference | Skip | RowProblem  # what one row (or flat-oasst1 root) gives
 
 
 # ---------------------------------------------------------------- single-row formats
@@ -128,69 +72,20 @@ def prompt_response(row: Row, _lang: str) -> Pair:
     return text(row, "prompt", "prompt"), text(row, "response", "response")
 
 
-def parallel(row: Row, lang: str) -> Pair:
-    """The source-language side of a parallel row ``{"text": {"en": {"prompt", "response"}}}``.
+def parallel(row: Row, lang: str) -> Pair | Preference | Skip:
+    """The source-language side of a parallel row ``{"text": {"en": {"prompt", "response"}}}``,
+    or of a parallel preference row (``chosen`` and ``rejected`` in place of ``response``).
 
     Languages sit under ``text`` rather than at the top level because a language code can
     collide with a row key (Indonesian is ``id``).
     """
     side = obj(obj(row, "text", "text"), lang, f"text.{lang}")
+    if "chosen" in side:
+        return parallel_preference(side, f"text.{lang}.")
     return (text(side, "prompt", f"text.{lang}.prompt"),
             text(side, "response", f"text.{lang}.response"))
 
 
-@dataclass(frozen=True)
-class ChatSchema:
-    """Key and role names of one chat layout (ShareGPT and OpenAI-style messages differ)."""
-
-    turns: str
-    role: str
-    content: str
-    system: str
-    user: str
-    assistant: str
-
-    def pair(self, row: Row, _lang: str) -> Pair:
-        """The first user -> assistant exchange after optional leading system turns.
-
-        Later turns are not read: single-turn pairs are what CLO trains on, and a stray field
-        in a turn we drop should not reject the row. The system prompt is dropped.
-        """
-        turns = seq(row, self.turns, self.turns)
-        if not turns:
-            raise RowProblem(self.turns, "expected a non-empty list of turns, got empty list")
-        roles = (self.system, self.user, self.assistant)
-        start = 0
-        while start < len(turns) and self._role(turns, start, roles) == self.system:
-            start += 1
-        for offset, want in enumerate((self.user, self.assistant)):
-            index = start + offset
-            if index >= len(turns):
-                where = "a system turn" if offset == 0 else f"the {self.user!r} turn"
-                raise RowProblem(self.turns, f"wrong role order: expected a {want!r} turn "
-                                 f"after {where}, got end of conversation")
-            role = self._role(turns, index, roles)
-            if role != want:
-                place = "the first non-system turn" if offset == 0 else f"after {self.user!r}"
-                raise RowProblem(f"{self.turns}[{index}].{self.role}",
-                                 f"wrong role order: expected {want!r} as {place}, got {role!r}")
-        prompt, response = (
-            text(turns[i], self.content, f"{self.turns}[{i}].{self.content}")
-            for i in (start, start + 1)
-        )
-        return prompt, response
-
-    def _role(self, turns: list[Any], index: int, roles: tuple[str, ...]) -> str:
-        turn = turns[index]
-        path = f"{self.turns}[{index}]"
-        if not isinstance(turn, dict):
-            raise RowProblem(path, f"expected an object with {self.role!r} and "
-                             f"{self.content!r}, got {describe(turn)}")
-        return choice(turn, self.role, f"{path}.{self.role}", roles)
-
-
-SHAREGPT = ChatSchema("conversations", "from", "value", "system", "human", "gpt")
-MESSAGES = ChatSchema("messages", "role", "content", "system", "user", "assistant")
 
 # ---------------------------------------------------------------- oasst1
 
@@ -323,7 +218,7 @@ def oasst1_empty_reason(skips: Counter[Skip], lang: str) -> str:
 
 # ---------------------------------------------------------------- detection and dispatch
 
-Extractor = Callable[[Row, str], Pair | Skip]
+Extractor = Callable[[Row, str], Pair | Preference | Skip]
 ROW_FORMATS: dict[str, Extractor] = {
     "alpaca": alpaca,
     "sharegpt": SHAREGPT.pair,
@@ -331,6 +226,8 @@ ROW_FORMATS: dict[str, Extractor] = {
     "prompt_response": prompt_response,
     "oasst1-trees": oasst1_tree,
     "parallel": parallel,
+    "ultrafeedback": ultrafeedback,
+    "preference": plain_preference,
 }
 
 
@@ -339,7 +236,10 @@ def detect(row: Row, lang: str) -> str | None:
     then misses another field gets that field's error, which says more than "unknown"."""
     prompt = row.get("prompt")
     texts = row.get("text")
+    chosen = row.get("chosen")
     checks = (
+        ("ultrafeedback", "rejected" in row and isinstance(chosen, list)),
+        ("preference", "rejected" in row and "chosen" in row),
         ("oasst1", "message_id" in row or (isinstance(prompt, dict) and "replies" in prompt)),
         ("sharegpt", "conversations" in row),
         ("messages", "messages" in row),
@@ -367,6 +267,8 @@ def required_columns(fmt_variant: str, lang: str) -> tuple[str, ...]:
         "oasst1-flat": ("message_id", "parent_id", "role", "lang", "text"),
         "oasst1-trees": ("prompt",),
         "parallel": ("text",),
+        "ultrafeedback": ("prompt", "chosen", "rejected"),
+        "preference": ("prompt", "chosen", "rejected"),
     }[fmt_variant]
 
 

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 # The translate stage's output columns that training reads (``reasons`` is optional).
 REQUIRED_COLUMNS = ("id", "language", "prompt_en", "response_en", "prompt", "response")
+PREFERENCE_COLUMNS = ("rejected_en", "rejected")  # a preference corpus's, when present
 
 
 class PairsError(CloRayError, ValueError):
@@ -95,14 +96,16 @@ def split_multi(tables: Mapping[str, pa.Table], budgets: Mapping[str, int], *, h
 
 
 def pairs_fingerprint(table: pa.Table) -> str:
-    """16 hex chars of sha256 over each row's id, language and four texts, in row order.
+    """16 hex chars of sha256 over each row's id, language and four texts (six for
+    preferences), in row order.
 
     Order counts (the train loop addresses pairs by index, so a resumed run must see the same
     order); other columns (``reasons``, extra metadata) do not change what is trained.
     """
     _check_columns(table)
     digest = hashlib.sha256()
-    columns = [table.column(name).to_pylist() for name in REQUIRED_COLUMNS]
+    names = REQUIRED_COLUMNS + tuple(c for c in PREFERENCE_COLUMNS if c in table.column_names)
+    columns = [table.column(name).to_pylist() for name in names]
     for row in zip(*columns, strict=True):
         # JSON per row: unambiguous boundaries between fields and rows.
         digest.update(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from clo_ray.assets import PARALLEL_SAMPLE_REF
+from clo_ray.assets import PARALLEL_SAMPLE_REF, PREFERENCE_SAMPLE_REF
 from clo_ray.languages import LANGUAGES
 
 # ------------------------------------------------------------------------------ problems
@@ -169,7 +169,8 @@ class RunSection(Section):
 
 
 CORPUS_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_response", "oasst1",
-                  "parallel")
+                  "parallel", "ultrafeedback", "preference")
+BUILTIN_CORPORA = (PARALLEL_SAMPLE_REF, PREFERENCE_SAMPLE_REF)
 
 
 def check_language(code: str) -> str:
@@ -179,7 +180,8 @@ def check_language(code: str) -> str:
 
 
 class CorpusSection(Section):
-    """The English SFT corpus (the paper: 6,400 top-ranked single-turn oasst1 samples)."""
+    """The English corpus: SFT pairs (the paper: 6,400 top-ranked single-turn oasst1 samples)
+    or preferences (CRPO: 3,000 UltraFeedback prompts with chosen and rejected answers)."""
 
     path: str  # local file/dir, s3:// gs:// URI, or builtin:parallel-sample
     format: Literal[CORPUS_FORMATS] = "auto"  # type: ignore[valid-type]
@@ -191,8 +193,8 @@ class CorpusSection(Section):
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
-        if value.startswith("builtin:") and value != PARALLEL_SAMPLE_REF:
-            raise problem("unknown built-in corpus", allowed=[PARALLEL_SAMPLE_REF])
+        if value.startswith("builtin:") and value not in BUILTIN_CORPORA:
+            raise problem("unknown built-in corpus", allowed=list(BUILTIN_CORPORA))
         return absolute_local(check_storage_uri(value))
 
 

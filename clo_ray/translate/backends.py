@@ -23,13 +23,13 @@ import gzip
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clo_ray import storage
-from clo_ray.assets import PARALLEL_SAMPLE_REF, parallel_sample_path
+from clo_ray.assets import builtin_corpus_path
 from clo_ray.data.corpus import content_id, normalise_text
 from clo_ray.errors import CloRayError, LanguageError
 from clo_ray.languages import get_language
@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("prompt", "response")
+FIELDS = ("prompt", "response")  # the texts of a corpus row that are translated
+PREFERENCE_FIELDS = (*FIELDS, "rejected")  # a preference row's: response is the chosen one
 
 
 class TranslationError(CloRayError):
@@ -102,15 +103,19 @@ def check_seq2seq_languages(tokenizer: Any, ref: str, codes: Sequence[str]) -> N
 
 # ---------------------------------------------------------------- parallel files
 
-Lookup = dict[str, dict[str, tuple[str, str]]]  # English content id -> language -> pair
+Lookup = dict[str, dict[str, dict[str, str]]]  # English content id -> language -> field -> text
+# A parallel side's keys for each corpus text field: a preference side has chosen/rejected
+PREFERENCE_SIDE = {"prompt": "prompt", "response": "chosen", "rejected": "rejected"}
 
 
 def read_parallel(path: str, source: str, languages: Sequence[str],
                   storage_options: dict | None = None) -> tuple[Lookup, str]:
     """Rows of a parallel file ``{"text": {"en": {prompt, response}, "sw": {...}}}`` (jsonl,
-    optionally gzipped), keyed by the content id of their ``source`` side, with the
-    fingerprint of the file's bytes (part of the cache key: edited translations re-run)."""
-    uri = str(parallel_sample_path()) if path == PARALLEL_SAMPLE_REF else path
+    optionally gzipped; preference rows hold ``chosen`` and ``rejected`` in place of
+    ``response``), keyed by the content id of their ``source`` side, with the fingerprint of
+    the file's bytes (part of the cache key: edited translations re-run)."""
+    local = builtin_corpus_path(path)
+    uri = str(local) if local is not None else path
     try:
         with storage.open_input(uri, storage_options) as raw:
             data = raw.read()
@@ -126,25 +131,31 @@ def read_parallel(path: str, source: str, languages: Sequence[str],
         try:
             text = json.loads(line)["text"]
             en = text[source]
-            # A row without a response is an instruction (a prompt set's, e.g. the bundled
-            # eval prompts): its "response" is empty on every side.
-            prompt_only = "response" not in en
-            key = content_id(en["prompt"], en.get("response", ""))
+            keys = _side_keys(en)
+            key = content_id(*(en[k] for k in keys.values())) if len(keys) > 1 else \
+                content_id(en["prompt"], "")
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise TranslationError(f"translator.path {path} line {number}: not a parallel row "
                                    f"with text.{source}.prompt/response ({exc!r})") from None
         sides = {lang: text.get(lang) for lang in languages}
-        lookup.setdefault(key, {lang: (normalise_text(side["prompt"]),
-                                       normalise_text(side.get("response", "")))
-                                for lang, side in sides.items()
-                                if _is_pair(side, prompt_only=prompt_only)})
+        lookup.setdefault(key, {
+            lang: {"response": "", **{f: normalise_text(side[k]) for f, k in keys.items()}}
+            for lang, side in sides.items() if _complete(side, keys.values())})
     return lookup, fingerprint
 
 
-def _is_pair(side: Any, *, prompt_only: bool = False) -> bool:
-    fields = FIELDS[:1] if prompt_only else FIELDS
-    return (isinstance(side, dict) and all(isinstance(side.get(k), str) and side[k].strip()
-                                           for k in fields))
+def _side_keys(en: dict) -> dict[str, str]:
+    """Corpus field -> key of a side: a preference row, an SFT pair, or an instruction only
+    (a prompt set's row, e.g. the bundled eval prompts: its "response" is empty everywhere)."""
+    if "chosen" in en:
+        return PREFERENCE_SIDE
+    return {"prompt": "prompt", "response": "response"} if "response" in en else \
+        {"prompt": "prompt"}
+
+
+def _complete(side: Any, keys: Iterable[str]) -> bool:
+    return isinstance(side, dict) and all(isinstance(side.get(k), str) and side[k].strip()
+                                          for k in keys)
 
 
 def check_parallel(lookup: Lookup, ids: Sequence[str], sources: Sequence[str],
@@ -215,9 +226,7 @@ class ParallelTranslator(_Translator):
 
     def translate(self, texts: list[str], keys: list[tuple[str, str]],
                   target: str) -> tuple[list[str], list[int]]:
-        pairs = [self.lookup[row_id][target] for row_id, _ in keys]
-        return [pair[FIELDS.index(field)] for pair, (_, field) in zip(pairs, keys,
-                                                                      strict=True)], [0] * len(keys)
+        return [self.lookup[row_id][target][field] for row_id, field in keys], [0] * len(keys)
 
 
 class Seq2SeqTranslator(_Translator):

@@ -43,6 +43,10 @@ OUTPUT_SCHEMA = pa.schema([
     ("reasons", pa.list_(pa.string())),
 ])
 PART_SCHEMA = OUTPUT_SCHEMA.append(pa.field("pass", pa.string()))  # "first" | "retry"
+# A preference corpus's rows also carry the rejected answer, in English and translated
+PREFERENCE_OUTPUT_SCHEMA = OUTPUT_SCHEMA.insert(6, pa.field("rejected_en", pa.string())) \
+    .insert(7, pa.field("rejected", pa.string()))
+PREFERENCE_PART_SCHEMA = PREFERENCE_OUTPUT_SCHEMA.append(pa.field("pass", pa.string()))
 OUTPUTS = ("translations", "rejects", "report")
 
 
@@ -82,8 +86,10 @@ class TranslationCache:
     """The folder of one cache key (see the module docstring for its layout)."""
 
     def __init__(self, root: str, key: str, language: str,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None, *, preferences: bool = False) -> None:
         self.key, self.language, self.options = key, language, storage_options
+        self.output_schema = PREFERENCE_OUTPUT_SCHEMA if preferences else OUTPUT_SCHEMA
+        self.part_schema = PREFERENCE_PART_SCHEMA if preferences else PART_SCHEMA
         self.uri = storage.join(root, key)
         self.parts_uri = storage.join(self.uri, "parts")
 
@@ -126,17 +132,17 @@ class TranslationCache:
         storage.write_bytes_atomic(self._path("key.json"), data.encode("utf-8"), self.options)
 
     def read_parts(self) -> pa.Table:
-        """Every finished row so far (PART_SCHEMA); a row written twice (two runs racing)
+        """Every finished row so far (``part_schema``); a row written twice (two runs racing)
         appears once."""
         fs, path = storage.resolve(self.parts_uri, self.options)
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File
                        and i.base_name.endswith(".parquet") and not i.base_name.startswith("."))
-        tables = [PART_SCHEMA.empty_table()]
+        tables = [self.part_schema.empty_table()]
         for name in names:
             uri = storage.join(self.parts_uri, name)
             try:
-                tables.append(checked.read_parquet(uri, self.options).cast(PART_SCHEMA))
+                tables.append(checked.read_parquet(uri, self.options).cast(self.part_schema))
             except checked.CorruptFileError:  # its rows are translated again
                 checked.set_aside(uri, self.options)
         table = pa.concat_tables(tables)
@@ -148,7 +154,7 @@ class TranslationCache:
     def write_part(self, rows: list[dict[str, Any]], pass_name: str) -> None:
         """Rows finished by one pass, as one new part (unique name: parts never clobber)."""
         table = pa.Table.from_pylist([{**row, "pass": pass_name} for row in rows],
-                                     schema=PART_SCHEMA)
+                                     schema=self.part_schema)
         name = f"part-{pass_name}-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"
         checked.write_parquet(storage.join(self.parts_uri, name), table, self.options)
 
@@ -165,8 +171,8 @@ class TranslationCache:
         if missing:
             raise RuntimeError(f"{self.uri}: {len(missing)} rows never finished, e.g. "
                                f"{missing[0]}")  # a bug in the stage, not a user error
-        rows = pa.Table.from_pylist([chosen[i] for i in ids], schema=PART_SCHEMA)
-        rows = rows.select(OUTPUT_SCHEMA.names)
+        rows = pa.Table.from_pylist([chosen[i] for i in ids], schema=self.part_schema)
+        rows = rows.select(self.output_schema.names)
         failed = pc.greater(pc.list_value_length(rows.column("reasons")), 0)
         failed = pc.fill_null(failed, False)
         tables = {

@@ -40,6 +40,7 @@ from clo_ray.layout import RunLayout
 from clo_ray.ray_env import ray_address
 from clo_ray.translate.backends import (
     FIELDS,
+    PREFERENCE_FIELDS,
     translator_stage,
 )
 from clo_ray.translate.cache import (
@@ -100,7 +101,8 @@ def translate_corpus(spec: SweepSpec, *, corpus: Corpus | None = None,
     root = RunLayout.of(spec).translations
     identity = translator_identity(spec)
     inputs = {lang: key_inputs(spec, corpus, lang, identity) for lang in languages}
-    caches = {lang: TranslationCache(root, translation_key(inputs[lang]), lang, options)
+    caches = {lang: TranslationCache(root, translation_key(inputs[lang]), lang, options,
+                                     preferences=corpus.preferences)
               for lang in languages}
     results = {lang: cache.result(found) for lang, cache in caches.items()
                if (found := cache.manifest()) is not None}
@@ -290,7 +292,9 @@ class _Rows:
         self.work, self.parallel = work, parallel
         table = corpus.table
         self.ids = table.column("id").to_pylist()
-        self.english = {f: table.column(f).to_pylist() for f in FIELDS}
+        # the texts each row translates: prompt and response, + rejected for preferences
+        self.fields = PREFERENCE_FIELDS if corpus.preferences else FIELDS
+        self.english = {f: table.column(f).to_pylist() for f in self.fields}
         self.segments: list[dict[str, list[Segment]]] = []
         self.slots: list[dict[str, list[str | None]]] = []
         self.remaining: list[int] = []
@@ -299,13 +303,13 @@ class _Rows:
                                                          "text")}
         for index, (lang, row) in enumerate(work):
             segs = {f: [] if parallel else segment(self.english[f][row], max_chars)
-                    for f in FIELDS}
+                    for f in self.fields}
             texts = {f: [self.english[f][row]] if parallel else
-                     [s.text for s in segs[f] if s.translate] for f in FIELDS}
+                     [s.text for s in segs[f] if s.translate] for f in self.fields}
             self.segments.append(segs)
-            self.slots.append({f: [None] * len(texts[f]) for f in FIELDS})
+            self.slots.append({f: [None] * len(texts[f]) for f in self.fields})
             self.remaining.append(sum(len(t) for t in texts.values()))
-            for f in FIELDS:
+            for f in self.fields:
                 for slot, text in enumerate(texts[f]):
                     for name, value in zip(columns, (len(self.where), self.ids[row], f, lang,
                                                      text), strict=True):
@@ -336,7 +340,7 @@ class _Rows:
         lang, row = self.work[index]
         out: dict[str, Any] = {"id": self.ids[row], "language": lang}
         reasons: set[str] = set()
-        for f in FIELDS:
+        for f in self.fields:
             source, parts = self.english[f][row], self.slots[index][f]
             if self.parallel:
                 text, lost = parts[0] or "", dropped_spans(source, parts[0] or "")
