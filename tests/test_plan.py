@@ -18,6 +18,7 @@ from clo_ray.sweep.plan import build_plan, format_plan
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "sweeps" / "paper.yaml"
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
+CRPO = ROOT / "sweeps" / "crpo.yaml"
 SPECS = Path(__file__).resolve().parent / "specs"
 PAPER_MODELS = ["Llama-2-7b-hf", "Llama-2-13b-hf", "Meta-Llama-3-8B", "Mistral-7B-v0.1",
                 "Qwen2.5-3B"]
@@ -102,6 +103,37 @@ def test_smoke_plans_and_its_corpus_size_check_passes():
     text = "\n".join(plan.evaluation)
     assert "generations: 64 per evaluated model (16 held-out prompts, 48 prompt-set" in text
     assert "judge calls: 192 = 2 comparisons (sft) x 48 items" in text
+
+
+def test_crpo_plans_crpos_grid_with_repeats():
+    plan = build_plan(load_spec(CRPO))
+    assert len(plan.cells) == 60 == 3 * 5 * 4 * 1
+    assert list(plan.languages) == ["zh", "id", "ko", "sw", "bn"]
+    assert list(plan.methods) == ["sft", "sft_dpo", "clo", "crpo"]
+    assert plan.trials_per_cell == 3 and plan.total_trials == 180  # 1 search + 2 repeats
+    assert "3 trials per cell (2 of them repeats" in format_plan(plan)
+    cost = {(c.model, c.language, c.method): c for c in plan.cells}
+    # CRPO's 4 answers to x_t are not CLO's 4 sequences: each pays its own reference pass
+    assert cost["Meta-Llama-3-8B", "bn", "crpo"].tokens == pytest.approx(
+        cost["Meta-Llama-3-8B", "bn", "clo"].tokens)
+    assert {c.stages for c in plan.cells if c.method == "sft_dpo"} == {2}
+
+
+def test_preference_stages_need_a_preference_corpus():
+    """Before any translation: crpo and monolingual dpo on SFT pairs name each stage."""
+    data = yaml.safe_load((SPECS / "minimal.yaml").read_text())
+    data |= {"methods": ["clo", "crpo", "sft_dpo_mono"]}
+    with pytest.raises(SpecError) as error:
+        build_plan(load_spec(data))
+    text = str(error.value)
+    assert "corpus builtin:parallel-sample holds SFT pairs" in text
+    assert "methods crpo -> schedules.crpo[0] (crpo)" in text
+    assert "methods sft_dpo_mono -> schedules.sft_dpo_mono[1] (dpo, dpo_pairs monolingual)" \
+        in text and "schedules.clo" not in text
+    data["corpus"] = {"path": "builtin:preference-sample"}
+    data["translator"] = {"backend": "parallel", "path": "builtin:preference-sample"}
+    plan = build_plan(load_spec(data))
+    assert "250 usable preferences (format parallel)" in format_plan(plan)
 
 
 def test_cli_plan_prints_assumptions_cells_and_totals():

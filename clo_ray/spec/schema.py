@@ -250,6 +250,23 @@ def check_corpus_size(spec: SweepSpec, corpus_rows: int, corpus_path: str) -> No
                         + "\n  ".join(lines))
 
 
+def check_corpus_kind(spec: SweepSpec, preferences: bool, corpus_path: str) -> None:
+    """Raise a SpecError naming each stage that needs a preference corpus (crpo, dpo with
+    ``dpo_pairs: monolingual``) when the corpus holds SFT pairs only: before translation."""
+    if preferences:
+        return
+    needs = [f"methods {m.name} -> schedules.{s}[{i}] ({st.loss}"
+             f"{', dpo_pairs monolingual' if st.dpo_pairs == 'monolingual' else ''})"
+             for m in spec.methods for s in m.schedules or []
+             for i, st in enumerate(spec.stages(s))
+             if st.loss == "crpo" or st.dpo_pairs == "monolingual"]
+    if needs:
+        raise SpecError(f"spec {spec.run.name!r}: corpus {corpus_path} holds SFT pairs, but "
+                        f"these stages rank a chosen over a rejected answer:\n  "
+                        + "\n  ".join(needs) + "\n  use a preference corpus (corpus.format "
+                        "ultrafeedback or preference, or builtin:preference-sample)")
+
+
 def spec_hash(spec: SweepSpec) -> str:
     """A stable digest of the validated spec (defaults filled in): canonical JSON, sha256[:16].
 

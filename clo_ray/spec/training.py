@@ -1,7 +1,8 @@
 """The training sections of a sweep spec: stages (losses, LoRA), methods, resources, train.
 
-Also :data:`BUILTIN_SCHEDULES`, what ``methods: [clo, sft, sft_dpo]`` runs when the spec
-defines no schedule of that name. Shared helpers come from :mod:`clo_ray.spec.sections`.
+Also :data:`BUILTIN_SCHEDULES`, what ``methods: [clo, sft, sft_dpo, crpo, sft_dpo_mono]`` runs
+when the spec defines no schedule of that name. Shared helpers come from
+:mod:`clo_ray.spec.sections`.
 """
 
 from __future__ import annotations
@@ -238,9 +239,14 @@ def _stage(loss: str, modules: str, **extra: Any) -> dict[str, Any]:
 # What `methods: [clo, sft, sft_dpo]` runs when the spec defines no schedule of that name.
 # lambda 0.5 and attention-only are the paper's; 2 epochs, lr 8e-6, beta 0.1 and 10% warmup
 # the follow-up paper's (the CLO paper gives no others). SFT+DPO's DPO stage starts from (and
-# uses as its reference) the SFT result.
+# uses as its reference) the SFT result. crpo: CRPO's alpha 0.2 and beta 0.1, nDCG2 weights;
+# it updates every weight (CRPO compares against full-model SFT and DPO), and it needs a
+# preference corpus; sft_dpo_mono is CRPO's SFT+DPO baseline on the same preference data.
 BUILTIN_SCHEDULES: dict[str, list[dict[str, Any]]] = {
     "clo": [_stage("clo", "attention", **{"lambda": 0.5, "beta": 0.1})],
     "sft": [_stage("sft", "all", sft_data="target")],
     "sft_dpo": [_stage("sft", "all", sft_data="target"), _stage("dpo", "all", beta=0.1)],
+    "crpo": [_stage("crpo", "all", alpha=0.2, beta=0.1, lambda_weighting="ndcg2")],
+    "sft_dpo_mono": [_stage("sft", "all", sft_data="target"),
+                     _stage("dpo", "all", beta=0.1, dpo_pairs="monolingual")],
 }

@@ -43,7 +43,7 @@ def evaluation_cost(spec: SweepSpec) -> list[str]:
     """Lines for the plan: per evaluated model and in all (module docstring)."""
     evaluation, judge = spec.evaluation, spec.evaluation.judge
     cells = grid_cells(spec)
-    per_cell = spec.search.trials_per_cell
+    per_cell = spec.search.trials_per_cell + spec.search.repeats - 1
     trials = len(cells) * per_cell
     bases = len(spec.models) * len(spec.languages)
     sizes, held, assumed = _set_sizes(spec)

@@ -31,7 +31,7 @@ from pathlib import Path
 from clo_ray.languages import LANGUAGES
 from clo_ray.layout import RunLayout
 from clo_ray.spec.grid import Cell, model_label
-from clo_ray.spec.schema import SweepSpec, check_corpus_size, spec_hash
+from clo_ray.spec.schema import SweepSpec, check_corpus_kind, check_corpus_size, spec_hash
 from clo_ray.sweep.eval_plan import evaluation_cost
 
 DEFAULT_ENGLISH_TOKENS = 400.0  # English prompt + response tokens of an oasst1-like pair
@@ -83,13 +83,14 @@ class Plan:
     languages: tuple[str, ...]
     methods: tuple[str, ...]
     budgets: tuple[int, ...]
-    trials_per_cell: int
+    trials_per_cell: int  # search trials + repeats - 1
     device: str  # "GPU" or "CPU"
     cells: tuple[CellPlan, ...]
     assumptions: tuple[str, ...]
     corpus_rows: int | None  # None: not readable here (the size check was skipped)
     unknown_sizes: tuple[str, ...] = field(default=())  # model labels without a size
     evaluation: tuple[str, ...] = field(default=())  # the evaluation's cost (eval_plan)
+    repeats: int = 1  # search.repeats
 
     @property
     def total_trials(self) -> int:
@@ -132,10 +133,12 @@ def read_corpus_stats(spec: SweepSpec) -> tuple[int | None, float | None, str]:
     corpus = load_corpus(path, spec.corpus.format, source_language=spec.corpus.source_language,
                          max_rows=spec.corpus.max_rows,
                          storage_options=dict(spec.run.storage_options) or None)
+    check_corpus_kind(spec, corpus.preferences, path)
     table, rows = corpus.table, corpus.table.num_rows
     chars = sum(pc.sum(pc.utf8_length(table[c])).as_py() or 0 for c in ("prompt", "response"))
     tokens = chars / CHARS_PER_TOKEN / rows if rows else None
-    return rows, tokens, f"corpus {path}: {rows} usable pairs (format {corpus.format})"
+    kind = "preferences" if corpus.preferences else "pairs"
+    return rows, tokens, f"corpus {path}: {rows} usable {kind} (format {corpus.format})"
 
 
 def _parameters(spec: SweepSpec) -> dict[str, float | None]:
@@ -150,6 +153,15 @@ def _stage_tokens(loss: str, sft_data: str | None, english: float, target: float
     if loss in ("clo", "dpo", "crpo"):
         return 2 * (english + target)
     return {"target": target, "english": english}.get(sft_data or "", english + target)
+
+
+def _first_encoding(spec: SweepSpec, schedules: list[str]) -> str:
+    """What a schedule's first stage encodes (clo_ray.train.batches.encoding_name, without
+    importing torch): methods share the base model's reference pass only when it matches."""
+    stage = spec.stages(schedules[0])[0]
+    if stage.loss == "crpo":
+        return "ranked"
+    return "monolingual" if stage.dpo_pairs == "monolingual" else "pairs"
 
 
 def _schedule_cost(spec: SweepSpec, schedule: str, budget: int, english: float,
@@ -187,7 +199,9 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
     devices = res.workers_per_trial * (res.gpus_per_worker if gpu else res.cpus_per_worker)
     throughput = per_worker * res.workers_per_trial * 1e12  # FLOP/s per trial
     params = _parameters(spec)
-    trials, holdout = spec.search.trials_per_cell, spec.evaluation.holdout
+    # the search's trials, then each cell's best configuration again with repeats - 1 seeds
+    trials = spec.search.trials_per_cell + spec.search.repeats - 1
+    holdout = spec.evaluation.holdout
     cells, shared_done = [], set()
     for model in spec.models:
         p = params[model_label(model)]
@@ -198,7 +212,7 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
                 for budget in spec.budgets:
                     costs = [_schedule_cost(spec, s, budget, english, target) for s in names]
                     train, ref_trial, ref_shared = max(costs, key=lambda c: 3 * c[0] + c[1])
-                    key = (model_label(model), lang, budget)
+                    key = (model_label(model), lang, budget, _first_encoding(spec, names))
                     if ref_shared and key not in shared_done:
                         shared_done.add(key)
                     else:
@@ -220,12 +234,13 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
         "target tokens = English tokens x script factor: " + ", ".join(
             f"{code} {expansion(code):g} ({script})" for script, code in scripts),
         "tokens per pair: clo/dpo 4 sequences (both directions x chosen/rejected) = "
-        "2 x (English + target); sft: target, English or both per sft_data",
+        "2 x (English + target); crpo 4 answers to the target prompt, about the same; sft: "
+        "target, English or both per sft_data",
         "training FLOPs = 6 x params x tokens over epochs x budget (or steps x "
         f"train.batch_pairs = {spec.train.batch_pairs}) pairs; full backward assumed (an upper "
         "bound for attention-only / LoRA stages); no truncation at train.max_length",
-        "reference log-probs = 2 x params x tokens: once per (model, language, budget) for a "
-        "first-stage clo/dpo (cached, shared), per trial for later stages",
+        "reference log-probs = 2 x params x tokens: once per (model, language, budget, "
+        "encoding) for a first-stage clo/dpo/crpo (cached, shared), per trial for later stages",
         f"parameters: {sizes}",
         f"throughput: {per_worker:g} TFLOP/s per worker"
         + ("" if res.assumed_tflops_per_worker else
@@ -241,7 +256,7 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
                 tuple(m.name for m in spec.methods), tuple(spec.budgets), trials, unit,
                 tuple(cells), assumptions, rows,
                 tuple(label for label, p in params.items() if p is None),
-                tuple(evaluation_cost(spec)))
+                tuple(evaluation_cost(spec)), spec.search.repeats)
 
 
 # ------------------------------------------------------------------------------ printing
@@ -288,7 +303,9 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"Plan for sweep {plan.name!r} (spec hash {plan.spec_hash}); nothing is started",
         f"results: {plan.run_uri}",
-        f"grid: {grid} = {len(plan.cells)} cells; {plan.trials_per_cell} trials per cell",
+        f"grid: {grid} = {len(plan.cells)} cells; {plan.trials_per_cell} trials per cell"
+        + (f" ({plan.repeats - 1} of them repeats of the cell's best configuration)"
+           if plan.repeats > 1 else ""),
         "assumptions (estimates, not measurements):",
         *(f"  - {a}" for a in plan.assumptions),
         "",

@@ -22,7 +22,7 @@ from typing import Any
 from clo_ray import checked
 from clo_ray.errors import CloRayError, SpecError
 from clo_ray.layout import RunLayout
-from clo_ray.spec.schema import SweepSpec, check_corpus_size, spec_hash
+from clo_ray.spec.schema import SweepSpec, check_corpus_kind, check_corpus_size, spec_hash
 from clo_ray.sweep.outcome import SweepInterrupted, TuneOutcome, tune_outcome
 from clo_ray.sweep.preflight import check_capacity, check_models, cluster_shapes
 
@@ -89,6 +89,7 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
                          source_language=spec.corpus.source_language,
                          max_rows=spec.corpus.max_rows, storage_options=layout.options)
     check_corpus_size(spec, len(corpus), spec.corpus.path)  # before anything expensive
+    check_corpus_kind(spec, corpus.preferences, spec.corpus.path)
     prompt_sets = load_sweep_prompt_sets(spec)  # checked before anything expensive too
     claim_run(spec)
     if only in (None, "translate", "pairs", "tune") and not ray.is_initialized():
