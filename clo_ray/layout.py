@@ -153,10 +153,35 @@ class RunLayout:
 
     # ---------------------------------------------------------------- the spec record
 
-    def write_spec_record(self, spec_hash: str, spec_data: dict[str, Any]) -> None:
-        """Record the run's spec (and its hash) in ``spec.yaml``, atomically."""
-        text = yaml.safe_dump({"spec_hash": spec_hash, "spec": spec_data}, sort_keys=False)
+    def write_spec_record(self, spec_hash: str, spec_data: dict[str, Any],
+                          generations: list[dict[str, Any]] | None = None) -> None:
+        """Record the run's spec (and its hash) in ``spec.yaml``, atomically, with every spec
+        the run has grown through (``{"spec_hash", "spec"}``, oldest first; see
+        :mod:`clo_ray.sweep.growth`)."""
+        record = {"spec_hash": spec_hash, "spec": spec_data,
+                  "generations": generations or [{"spec_hash": spec_hash, "spec": spec_data}]}
+        text = yaml.safe_dump(record, sort_keys=False)
         storage.write_bytes_atomic(self.spec_record, text.encode(), self.options)
+
+    def read_generations(self) -> list[dict[str, Any]]:
+        """Every spec the run has grown through, oldest first: ``{"spec_hash", "spec"}``
+        ([] without a record; a record from before growth reads as one generation)."""
+        if not storage.exists(self.spec_record, self.options):
+            return []
+        with storage.open_input(self.spec_record, self.options) as fh:
+            data = yaml.safe_load(fh.read())
+        if not isinstance(data, dict):
+            return []
+        generations = data.get("generations")
+        if isinstance(generations, list):
+            return generations
+        return [{"spec_hash": data.get("spec_hash"), "spec": data.get("spec")}]
+
+    def generation_folder(self, kind: str, generation: int) -> str:
+        """The Tune experiment of one generation: ``tune`` / ``repeats`` for the first, then
+        ``tune-grow-1``, ``repeats-grow-1``, ... (``kind`` is "tune" or "repeats")."""
+        name = kind if generation == 0 else f"{kind}-grow-{generation}"
+        return storage.join(self.uri, name)
 
     def read_spec_record(self) -> tuple[str | None, dict[str, Any]] | None:
         """``(spec_hash, spec data)`` from the run's ``spec.yaml``, or None when it has none."""

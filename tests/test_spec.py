@@ -38,8 +38,8 @@ def stage(**fields: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ good specs
 
 
-def test_sweeps_folder_has_the_paper_and_smoke_specs():
-    assert {p.name for p in SWEEPS} >= {"paper.yaml", "smoke.yaml"}
+def test_sweeps_folder_has_the_paper_crpo_and_smoke_specs():
+    assert {p.name for p in SWEEPS} >= {"paper.yaml", "smoke.yaml", "crpo.yaml"}
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)

@@ -26,8 +26,9 @@ RANKED_STATUSES = ("completed", "stopped")
 BASE_METHOD = "base"
 PERCENT_METRICS = frozenset({"target_fidelity", "english_retention", "preference_accuracy",
                              "judge_win_rate", "english_judge_win_rate"})
-METHOD_ORDER = ("clo", "sft", "sft_dpo")
-METHOD_LABELS = {"clo": "CLO", "sft": "SFT", "sft_dpo": "SFT+DPO", BASE_METHOD: "base"}
+METHOD_ORDER = ("clo", "sft", "sft_dpo", "sft_dpo_mono", "crpo")
+METHOD_LABELS = {"clo": "CLO", "sft": "SFT", "sft_dpo": "SFT+DPO",
+                 "sft_dpo_mono": "SFT+DPO (monolingual)", "crpo": "CRPO", BASE_METHOD: "base"}
 
 Row = dict[str, Any]
 

@@ -8,10 +8,11 @@ Launch on a Ray cluster with ``ray job submit --working-dir . -- python -m clo_r
 sweeps/paper.yaml``, or locally with ``python -m clo_ray.sweep sweeps/smoke.yaml``; relative
 paths in the spec are relative to the working directory. Re-running the same command after a
 crash resumes: translations, pairs and reference log-probs come from the caches, and the Tune
-experiment is restored so finished trials are not re-run. A *changed* spec under an existing
-run name is refused (Ray would silently mix it into the old experiment). ``--plan`` validates
-and prints the plan; ``--only STAGE`` runs one stage (reference log-probs and evaluation run
-inside the trials, so they are part of ``tune``).
+experiment is restored so finished trials are not re-run. A spec that only adds grid (budgets,
+languages, models, methods, trials, repeats) under an existing run name grows the run
+(:mod:`clo_ray.sweep.growth`: only the new work runs); any other change is refused.
+``--plan`` validates and prints the plan; ``--only STAGE`` runs one stage (reference log-probs
+and evaluation run inside the trials, so they are part of ``tune``).
 """
 
 from __future__ import annotations
@@ -20,28 +21,15 @@ import logging
 from typing import Any
 
 from clo_ray import checked
-from clo_ray.errors import CloRayError, SpecError
+from clo_ray.errors import CloRayError
 from clo_ray.layout import RunLayout
-from clo_ray.spec.schema import SweepSpec, check_corpus_kind, check_corpus_size, spec_hash
-from clo_ray.sweep.outcome import SweepInterrupted, TuneOutcome, tune_outcome
+from clo_ray.spec.schema import SweepSpec, check_corpus_kind, check_corpus_size
+from clo_ray.sweep.growth import claim_run
+from clo_ray.sweep.outcome import TuneOutcome
 from clo_ray.sweep.preflight import check_capacity, check_models, cluster_shapes
 
 STAGES = ("translate", "pairs", "tune", "judge", "report")
 logger = logging.getLogger(__name__)
-
-
-def claim_run(spec: SweepSpec) -> None:
-    """Record the spec in the run folder, or refuse a different spec under the same name."""
-    layout = RunLayout.of(spec)
-    record = layout.read_spec_record()
-    if record is None:
-        layout.write_spec_record(spec_hash(spec), spec.model_dump(mode="json", by_alias=True))
-        return
-    if record[0] != spec_hash(spec):
-        raise SpecError(
-            f"run {spec.run.name!r} at {layout.uri} was started with a different spec "
-            f"(hash {record[0]}, this one {spec_hash(spec)}): give this "
-            "sweep a new run.name, or delete that folder to start over")
 
 
 class TrialsFailed(CloRayError):
@@ -69,8 +57,6 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
     ``allow_failed_trials``. ``placement_timeout_s``: how long a trial's workers may wait
     for resources before that trial fails (it does not hang).
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import ray
 
     from clo_ray.data.corpus import load_corpus
@@ -78,10 +64,9 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
     from clo_ray.eval.prompt_sets import load_sweep_prompt_sets, prepare_prompt_sets
     from clo_ray.ray_env import driver_runtime_env, start_ray
     from clo_ray.report.build import ReportOptions, build_report
-    from clo_ray.report.schema import load_results, results_table
+    from clo_ray.report.schema import load_results
+    from clo_ray.sweep.tune_stage import run_tune_stage
     from clo_ray.translate.stage import load_translations, translate_corpus
-    from clo_ray.tune.repeats import build_repeat_tuner, repeat_configs
-    from clo_ray.tune.tuner import build_tuner, planned_trials
 
     check_models(spec, label or spec.run.name)
     layout = RunLayout.of(spec)
@@ -91,7 +76,7 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
     check_corpus_size(spec, len(corpus), spec.corpus.path)  # before anything expensive
     check_corpus_kind(spec, corpus.preferences, spec.corpus.path)
     prompt_sets = load_sweep_prompt_sets(spec)  # checked before anything expensive too
-    claim_run(spec)
+    generations = claim_run(spec)  # this spec, or the run's specs so far plus this one
     if only in (None, "translate", "pairs", "tune") and not ray.is_initialized():
         print(start_ray(driver_runtime_env(), address), flush=True)
     if only in (None, "tune"):
@@ -103,27 +88,12 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
         pairs = prepare_sweep_pairs(spec, load_translations(spec, corpus=corpus))
         logger.info("pairs: %d data set(s) under %s", len(pairs), layout.pairs)
     grid, outcome = None, None
-    if only in (None, "tune"):
-        prepared = prepare_prompt_sets(spec, prompt_sets)
-        grid = build_tuner(spec, pairs=pairs, prompt_sets=prepared,
-                           placement_timeout_s=placement_timeout_s).fit()
-        outcome = tune_outcome(grid, planned_trials(spec))
-        if outcome.interrupted:  # a partial experiment is not a result: no table, no report
-            raise SweepInterrupted(f"{outcome.summary()} under {layout.tune}")
-        table = results_table(grid, spec)
-        configs = repeat_configs(spec, table.to_pylist())
-        if configs:  # each cell's best configuration again, with other seeds
-            repeats = build_repeat_tuner(spec, configs, pairs=pairs or {}, prompt_sets=prepared,
-                                         placement_timeout_s=placement_timeout_s).fit()
-            repeated = tune_outcome(repeats, len(configs))
-            if repeated.interrupted:
-                raise SweepInterrupted(f"repeats: {repeated.summary()} under {layout.repeats}")
-            more = results_table(repeats, spec)
-            more = more.filter(pc.not_equal(more["method"], "base"))
-            table = pa.concat_tables([table, more], promote_options="default")
-            if repeated.failed and not outcome.failed:
-                outcome, grid = repeated, repeats
-        checked.write_parquet(layout.results, table, layout.options)
+    if only in (None, "tune"):  # every generation's trials, then each cell's repeats
+        stage = run_tune_stage(generations, pairs=pairs or {},
+                               prompt_sets=prepare_prompt_sets(spec, prompt_sets),
+                               placement_timeout_s=placement_timeout_s)
+        grid, outcome = stage.grid, stage.outcome
+        checked.write_parquet(layout.results, stage.table, layout.options)
     if only in (None, "judge"):  # after tune: a trial's SFT opponent may finish after it
         from clo_ray.eval.judge_stage import run_judge_stage
 

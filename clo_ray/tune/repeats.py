@@ -60,11 +60,23 @@ def repeat_configs(spec: SweepSpec, rows: Sequence[Mapping[str, Any]]) -> list[d
     return configs
 
 
+def repeats_exist(spec: SweepSpec, generation: int = 0) -> bool:
+    """Whether the repeats' experiment of ``generation`` is in storage (to be restored)."""
+    from ray import tune
+
+    layout = RunLayout.of(spec)
+    filesystem, fs_path = storage.resolve(layout.generation_folder("repeats", generation),
+                                          layout.options)
+    return bool(tune.Tuner.can_restore(fs_path, storage_filesystem=filesystem))
+
+
 def build_repeat_tuner(spec: SweepSpec, configs: list[dict[str, Any]], *,
                        pairs: Mapping[str, PreparedPairs],
                        prompt_sets: Mapping[str, Mapping[str, str]] | None = None,
-                       placement_timeout_s: float | None = None) -> Any:
-    """The repeats' ``ray.tune.Tuner`` (restored when it exists in storage)."""
+                       placement_timeout_s: float | None = None,
+                       generation: int = 0) -> Any:
+    """The repeats' ``ray.tune.Tuner`` (restored when it exists in storage; None when it does
+    not and ``configs`` is empty). ``generation``: a grown sweep's experiment number."""
     from ray import tune
 
     trainable = tune.with_resources(
@@ -73,11 +85,14 @@ def build_repeat_tuner(spec: SweepSpec, configs: list[dict[str, Any]], *,
                              prompt_sets={k: dict(v) for k, v in (prompt_sets or {}).items()}),
         trial_resources(spec))
     layout = RunLayout.of(spec)
-    filesystem, fs_path = storage.resolve(layout.repeats, layout.options)
+    folder = layout.generation_folder("repeats", generation)
+    filesystem, fs_path = storage.resolve(folder, layout.options)
     if tune.Tuner.can_restore(fs_path, storage_filesystem=filesystem):
-        logger.info("resuming the repeats at %s", layout.repeats)
+        logger.info("resuming the repeats at %s", folder)
         return tune.Tuner.restore(fs_path, trainable, resume_errored=True,
                                   storage_filesystem=filesystem)
+    if not configs:
+        return None
     parent, name = fs_path.rsplit("/", 1)
     return tune.Tuner(
         trainable, param_space={"job": tune.grid_search(configs)},

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -46,6 +46,11 @@ def _encode(choice: Any) -> Any:
     """Optuna categorical choices must be scalars: lists (module sets) travel as JSON text."""
     return choice if choice is None or isinstance(choice, (bool, int, float, str)) \
         else json.dumps(choice)
+
+
+def encode_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's decoded params (its config's) as its Optuna study holds them."""
+    return {key: _encode(value) for key, value in params.items()}
 
 
 def _decode(value: Any, choices: Sequence[Any]) -> Any:
@@ -90,7 +95,8 @@ class CellSearcher(Searcher):
     """
 
     def __init__(self, spec: SweepSpec, *, metrics: Sequence[str], modes: Sequence[str],
-                 study_prefix: str) -> None:
+                 study_prefix: str,
+                 done: Mapping[str, list[dict[str, Any]]] | None = None) -> None:
         # No metric for Tune itself: it would demand it in every intermediate (training)
         # report; the final report carries it and on_trial_complete reads it from there.
         super().__init__(metric=None, mode=None)
@@ -103,11 +109,18 @@ class CellSearcher(Searcher):
         self.sampler_name, self.seed = spec.search.sampler, spec.run.seed
         self.storage_url, self.study_prefix = spec.search.optuna_storage, study_prefix
         self.by_key = {c.key: c for c in self.cells}
-        self.started: dict[str, int] = {c.key: 0 for c in self.cells}
-        self.finished: dict[str, list[dict[str, Any]]] = {c.key: [] for c in self.cells}
+        # ``done``: a grown sweep's earlier trials per cell (clo_ray.sweep.growth): this
+        # experiment only adds to them, and each cell's study learns from them first
+        self.finished: dict[str, list[dict[str, Any]]] = {
+            c.key: list((done or {}).get(c.key, [])) for c in self.cells}
+        self.started: dict[str, int] = {c.key: len(self.finished[c.key]) for c in self.cells}
         # trial id -> {"cell", "index" (1-based in the cell), "params" (Optuna's), "number"}
         self.live: dict[str, dict[str, Any]] = {}
         self._studies: dict[str, optuna.Study] = {}
+
+    def remaining(self) -> int:
+        """Trials still to suggest (all of them for a new sweep; a grown one's new work)."""
+        return sum(max(0, self.trials_per_cell - n) for n in self.started.values())
 
     # ---------------------------------------------------------------- Tune's Searcher API
 

@@ -61,6 +61,26 @@ def build_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = 
                 restore: bool = True, placement_timeout_s: float | None = None) -> Any:
     """The sweep's ``ray.tune.Tuner``; restored (finished trials kept) when it exists.
 
+    A run that grew (:mod:`clo_ray.sweep.growth`) has one experiment per generation; this is
+    its first, and ``python -m clo_ray.sweep`` (:func:`clo_ray.sweep.runner.run_sweep`) runs
+    them all. See :func:`generation_tuner` for the arguments.
+    """
+    tuner, _ = generation_tuner(spec, pairs=pairs, prompt_sets=prompt_sets, restore=restore,
+                                placement_timeout_s=placement_timeout_s)
+    return tuner
+
+
+def generation_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = None,
+                     prompt_sets: Mapping[str, Mapping[str, str]] | None = None,
+                     restore: bool = True, placement_timeout_s: float | None = None,
+                     generation: int = 0, done: Mapping[str, list[dict[str, Any]]] | None = None
+                     ) -> tuple[Any, int]:
+    """One generation's ``ray.tune.Tuner`` and the trials it runs in all; restored (finished
+    trials kept) when it exists; None when there is nothing to run.
+
+    ``generation``/``done``: a grown sweep's experiment number and the search trials its
+    earlier generations ran, per cell (:mod:`clo_ray.sweep.growth`): it adds only the rest.
+
     ``pairs``: the pairs stage's output (:func:`clo_ray.data.pairs.prepare_sweep_pairs`);
     without it, the translate and pairs stages run here first (cached: a re-run reads them).
     ``prompt_sets``: the prepared prompt sets
@@ -87,26 +107,30 @@ def build_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = 
                              prompt_sets={k: dict(v) for k, v in (prompt_sets or {}).items()}),
         trial_resources(spec))
     layout = RunLayout.of(spec)
-    filesystem, fs_path = storage.resolve(layout.tune, layout.options)
+    folder = layout.generation_folder("tune", generation)
+    filesystem, fs_path = storage.resolve(folder, layout.options)
+    searcher = CellSearcher(spec, metrics=metrics, modes=modes, study_prefix=spec.run.name,
+                            done=done)
+    planned = searcher.remaining()
     if restore and tune.Tuner.can_restore(fs_path, storage_filesystem=filesystem):
-        logger.info("resuming the Tune experiment at %s", layout.tune)
+        logger.info("resuming the Tune experiment at %s", folder)
         return tune.Tuner.restore(fs_path, trainable, resume_errored=True,
-                                  storage_filesystem=filesystem)
+                                  storage_filesystem=filesystem), planned
+    if not planned:
+        return None, 0
     scheduler = None
     if spec.search.scheduler.type == "asha":
         asha = spec.search.scheduler
         scheduler = CellScheduler(metric=asha.metric, mode=asha.mode,
                                   grace_period_steps=asha.grace_period * spec.train.report_every,
                                   reduction_factor=asha.reduction_factor)
-    searcher = CellSearcher(spec, metrics=metrics, modes=modes, study_prefix=spec.run.name)
     parent, name = fs_path.rsplit("/", 1)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler,
-            num_samples=planned_trials(spec),
+            search_alg=searcher, scheduler=scheduler, num_samples=planned,
             max_concurrent_trials=concurrent_trials(spec)),
         run_config=tune.RunConfig(name=name, storage_path=parent,
-                                  storage_filesystem=filesystem, verbose=1))
+                                  storage_filesystem=filesystem, verbose=1)), planned
 
 

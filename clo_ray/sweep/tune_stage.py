@@ -1,0 +1,117 @@
+"""The tune stage over a run's generations: search trials, then repeats, then one table.
+
+A run that never grew has one generation: its Tune experiment, then its repeats. A grown run
+(:mod:`clo_ray.sweep.growth`) restores each earlier generation's experiments in order (a
+finished one runs nothing; an interrupted one finishes first), and only then builds the
+newest generation's, which runs the trials the earlier ones lack. The results table is the
+union: one row per trial of every generation, one ``base`` row per (model, language).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clo_ray.data.pairs import PreparedPairs
+from clo_ray.layout import RunLayout
+from clo_ray.report.schema import results_table
+from clo_ray.spec.schema import SweepSpec
+from clo_ray.sweep.growth import finished_by_cell
+from clo_ray.sweep.outcome import SweepInterrupted, TuneOutcome, tune_outcome
+from clo_ray.tune.repeats import build_repeat_tuner, repeat_configs, repeats_exist
+from clo_ray.tune.searcher import searcher_metrics
+from clo_ray.tune.tuner import generation_tuner
+
+
+@dataclass
+class TuneStageResult:
+    table: pa.Table  # results.parquet's rows, every generation's
+    outcome: TuneOutcome  # all experiments' trials together
+    grid: Any  # the last ResultGrid that ran (a failed experiment's, if any failed)
+
+
+def run_tune_stage(generations: list[SweepSpec], *, pairs: Mapping[str, PreparedPairs],
+                   prompt_sets: Mapping[str, Mapping[str, str]] | None,
+                   placement_timeout_s: float | None = None) -> TuneStageResult:
+    """Every generation's search experiment, then every generation's repeats (module doc).
+
+    Raises SweepInterrupted when an experiment ended before its trials did (nothing is
+    reported: re-run to resume).
+    """
+    spec = generations[-1]
+    layout = RunLayout.of(spec)
+    options: dict[str, Any] = {"pairs": pairs, "prompt_sets": prompt_sets,
+                               "placement_timeout_s": placement_timeout_s}
+    tables: list[pa.Table] = []
+    rows: list[dict[str, Any]] = []
+    outcomes: list[TuneOutcome] = []
+    grid = failed_grid = None
+    for index, generation in enumerate(generations):
+        metrics, _ = searcher_metrics(generation)
+        tuner, planned = generation_tuner(generation, generation=index,
+                                          done=finished_by_cell(rows, metrics), **options)
+        if tuner is None:
+            continue
+        grid = tuner.fit()
+        outcome = tune_outcome(grid, planned)
+        if outcome.interrupted:  # a partial experiment is not a result: no table, no report
+            raise SweepInterrupted(
+                f"{outcome.summary()} under {layout.generation_folder('tune', index)}")
+        table = results_table(grid, spec)
+        tables.append(table)
+        rows += table.to_pylist()
+        outcomes.append(outcome)
+        failed_grid = failed_grid or (grid if outcome.failed else None)
+    repeated_cells = set()
+    for index, generation in enumerate(generations):
+        restored = repeats_exist(generation, index)
+        configs = [] if restored else [
+            c for c in repeat_configs(generation, rows)
+            if _repeat_key(c["cell"], c["repeat"]) not in repeated_cells]
+        tuner = build_repeat_tuner(generation, configs, generation=index, **options)
+        if tuner is None:
+            continue
+        repeats = tuner.fit()
+        # a restored grid search holds all its trials from the start
+        outcome = tune_outcome(repeats, len(list(repeats)) if restored else len(configs))
+        if outcome.interrupted:
+            raise SweepInterrupted(f"repeats: {outcome.summary()} under "
+                                   f"{layout.generation_folder('repeats', index)}")
+        more = results_table(repeats, spec)
+        more = more.filter(pc.not_equal(more["method"], "base"))
+        repeated_cells |= {_repeat_key(row, row["repeat"]) for row in more.to_pylist()}
+        tables.append(more)
+        rows += more.to_pylist()
+        outcomes.append(outcome)
+        grid = repeats
+        failed_grid = failed_grid or (repeats if outcome.failed else None)
+    table = _union(tables)
+    outcome = TuneOutcome(planned=sum(o.planned for o in outcomes),
+                          finished=sum(o.finished for o in outcomes),
+                          failed=[f for o in outcomes for f in o.failed])
+    return TuneStageResult(table, outcome, failed_grid or grid)
+
+
+def _repeat_key(cell: Mapping[str, Any], repeat: int) -> tuple[Any, ...]:
+    return (cell["model"], cell["language"], cell["method"], cell["budget"], int(repeat))
+
+
+def _union(tables: list[pa.Table]) -> pa.Table:
+    """The generations' tables as one: each base row once (every generation that trains a
+    (model, language) measures its base model the same way)."""
+    if not tables:
+        raise SweepInterrupted("the tune stage ran no experiment: re-run the sweep")
+    table = pa.concat_tables(tables, promote_options="default")
+    seen, keep = set(), []
+    for i, (method, trial_id) in enumerate(zip(table.column("method").to_pylist(),
+                                               table.column("trial_id").to_pylist(),
+                                               strict=True)):
+        if method == "base" and trial_id in seen:
+            continue
+        seen.add(trial_id)
+        keep.append(i)
+    return table.take(keep) if len(keep) < table.num_rows else table
