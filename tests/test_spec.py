@@ -176,10 +176,10 @@ BAD = {  # id: (mutation, substrings the message must contain)
                    ["schedules.clo[0].layers: needs 0 <= start < end", "[start, end)"]),
     "unknown_method": (_set("methods", ["clo", "foo"]),
                        ["methods[1]: unknown method (no schedule of this name) (got 'foo'; "
-                        "allowed: clo, sft, sft_dpo)"]),
+                        "allowed: clo, sft, sft_dpo, crpo, sft_dpo_mono)"]),
     "undefined_schedule": (_set("methods", [{"name": "mine", "schedules": ["clo", "nope"]}]),
                            ["methods[0].schedules[1]: unknown schedule (got 'nope'; allowed: "
-                            "clo, sft, sft_dpo)"]),
+                            "clo, sft, sft_dpo, crpo, sft_dpo_mono)"]),
     "duplicate_budget": (_set("budgets", [16, 32, 16]), ["budgets[2]: listed twice (got 16)"]),
     "zero_budget": (_set("budgets", [0, 16]),
                     ["budgets[0]: a budget is a number of training pairs, > 0 (got 0)"]),
