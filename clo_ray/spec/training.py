@@ -24,6 +24,17 @@ from clo_ray.spec.sections import (
 # ------------------------------------------------------------------------------ stages
 
 LOSSES = ("clo", "sft", "dpo", "crpo")
+REFERENCE_LOSSES = ("clo", "dpo", "crpo")  # compared against reference log-probs
+
+
+def stage_encoding(loss: str, sft_data: str | None = None, dpo_pairs: str | None = None) -> str:
+    """The batch layout a stage encodes its rows with (``clo_ray.train.batches.LAYOUTS``);
+    torch-free so the plan can tell which stages share a reference pass."""
+    if loss == "sft":
+        return f"sft-{sft_data or 'target'}"
+    if loss == "crpo":
+        return "ranked"
+    return "monolingual" if loss == "dpo" and dpo_pairs == "monolingual" else "pairs"
 # field -> (losses it applies to, default for those losses). Setting one on another loss is
 # an error: e.g. lambda on an sft stage would silently do nothing.
 LOSS_FIELDS: dict[str, tuple[tuple[str, ...], Any]] = {

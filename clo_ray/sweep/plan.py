@@ -32,6 +32,7 @@ from clo_ray.languages import LANGUAGES
 from clo_ray.layout import RunLayout
 from clo_ray.spec.grid import Cell, model_label
 from clo_ray.spec.schema import SweepSpec, check_corpus_kind, check_corpus_size, spec_hash
+from clo_ray.spec.training import REFERENCE_LOSSES, stage_encoding
 from clo_ray.sweep.eval_plan import evaluation_cost
 
 DEFAULT_ENGLISH_TOKENS = 400.0  # English prompt + response tokens of an oasst1-like pair
@@ -150,18 +151,16 @@ def _parameters(spec: SweepSpec) -> dict[str, float | None]:
 
 def _stage_tokens(loss: str, sft_data: str | None, english: float, target: float) -> float:
     """Tokens one pair contributes to a stage (all its sequences)."""
-    if loss in ("clo", "dpo", "crpo"):
+    if loss in REFERENCE_LOSSES:
         return 2 * (english + target)
     return {"target": target, "english": english}.get(sft_data or "", english + target)
 
 
 def _first_encoding(spec: SweepSpec, schedules: list[str]) -> str:
-    """What a schedule's first stage encodes (clo_ray.train.batches.encoding_name, without
-    importing torch): methods share the base model's reference pass only when it matches."""
+    """What a schedule's first stage encodes: methods share the base model's reference pass
+    only when it matches."""
     stage = spec.stages(schedules[0])[0]
-    if stage.loss == "crpo":
-        return "ranked"
-    return "monolingual" if stage.dpo_pairs == "monolingual" else "pairs"
+    return stage_encoding(stage.loss, stage.sft_data, stage.dpo_pairs)
 
 
 def _schedule_cost(spec: SweepSpec, schedule: str, budget: int, english: float,
@@ -173,7 +172,7 @@ def _schedule_cost(spec: SweepSpec, schedule: str, budget: int, english: float,
         pairs = stage.epochs * budget if stage.epochs else \
             (stage.steps or 0) * spec.train.batch_pairs  # one of the two is set
         train += pairs * per_pair
-        if stage.loss in ("clo", "dpo", "crpo"):
+        if stage.loss in REFERENCE_LOSSES:
             if i == 0:
                 ref_shared = budget * per_pair
             else:

@@ -49,6 +49,7 @@ import pyarrow as pa
 import torch
 
 from clo_ray.errors import CloRayError
+from clo_ray.spec.training import stage_encoding
 
 SEQUENCES: dict[str, int] = {"clo": 4, "dpo": 4, "crpo": 4, "sft": 1}  # sft "both": 2
 SFT_SEQUENCES: dict[str, int] = {"target": 1, "english": 1, "both": 2}
@@ -105,13 +106,9 @@ def encoding_name(loss: str, sft_data: str = "target", dpo_pairs: str = "cross_l
     """The :data:`LAYOUTS` entry a stage encodes its rows with (also part of the reference
     cache key: clo and cross-lingual dpo share "pairs")."""
     n_sequences(loss, sft_data)  # validates loss and sft_data
-    if loss == "sft":
-        return f"sft-{sft_data}"
-    if loss == "crpo":
-        return "ranked"
     if loss == "dpo" and dpo_pairs not in DPO_PAIRS:
         raise EncodingError(f"unknown dpo_pairs {dpo_pairs!r}; use {list(DPO_PAIRS)}")
-    return "monolingual" if loss == "dpo" and dpo_pairs == "monolingual" else "pairs"
+    return stage_encoding(loss, sft_data, dpo_pairs)
 
 
 def format_prompt(tokenizer: Any, prompt: str, template: str) -> str:

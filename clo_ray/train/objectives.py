@@ -66,10 +66,7 @@ def clo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tenso
     out = clo_loss(policy, reference, n_tokens, lambda_=_filled(stage.lambda_),
                    beta=_filled(stage.beta), directions=_filled(stage.pair_reduction),
                    nll_reduction=_filled(stage.nll_reduction))
-    metrics = {k: v for k, v in out.metrics.items() if k not in ("loss", "nll_target")}
-    metrics.update(train_loss=out.metrics["loss"], target_nll=out.metrics["nll_target"],
-                   english_nll=_token_nll(policy[EN_CHOSEN], n_tokens[EN_CHOSEN]))
-    return LossOutput(out.loss, metrics)
+    return _named(out, policy[EN_CHOSEN], n_tokens[EN_CHOSEN])
 
 
 def dpo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tensor | None,
@@ -103,10 +100,7 @@ def crpo_objective(stage: StageSpec, policy: torch.Tensor, reference: torch.Tens
                     beta=_filled(stage.beta), weighting=_filled(stage.lambda_weighting),
                     mu=_filled(stage.lambda_mu), relevance=_filled(stage.relevance),
                     nll_reduction=_filled(stage.nll_reduction))
-    metrics = {k: v for k, v in out.metrics.items() if k not in ("loss", "nll_target")}
-    metrics.update(train_loss=out.metrics["loss"], target_nll=out.metrics["nll_target"],
-                   english_nll=_token_nll(policy[CRPO_EN_CHOSEN], n_tokens[CRPO_EN_CHOSEN]))
-    return LossOutput(out.loss, metrics)
+    return _named(out, policy[CRPO_EN_CHOSEN], n_tokens[CRPO_EN_CHOSEN])
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -133,6 +127,16 @@ def language_metrics(objective: Objective, stage: StageSpec, policy: torch.Tenso
             result = objective(stage, policy[:, cols].detach(), ref, n_tokens[:, cols])
             out[language] = (result.metrics, int(cols.sum()))
     return out
+
+
+def _named(out: LossOutput, english: torch.Tensor, english_tokens: torch.Tensor) -> LossOutput:
+    """A loss with an NLL term, its metrics under the names Tune sees (``loss`` ->
+    ``train_loss``, ``nll_target`` -> ``target_nll``) plus ``english_nll`` of the row the
+    loss scores English answers in."""
+    metrics = {k: v for k, v in out.metrics.items() if k not in ("loss", "nll_target")}
+    metrics.update(train_loss=out.metrics["loss"], target_nll=out.metrics["nll_target"],
+                   english_nll=_token_nll(english, english_tokens))
+    return LossOutput(out.loss, metrics)
 
 
 def _filled(value: T | None) -> T:

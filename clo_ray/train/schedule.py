@@ -28,9 +28,8 @@ from pydantic import ValidationError
 from clo_ray.errors import CloRayError
 from clo_ray.models.selectors import select_parameters
 from clo_ray.spec.search_space import search_key
-from clo_ray.spec.training import LOSS_FIELDS, StageSpec
+from clo_ray.spec.training import LOSS_FIELDS, REFERENCE_LOSSES, StageSpec
 
-REFERENCE_LOSSES = ("clo", "dpo", "crpo")
 # Search keys (clo_ray.spec.schema.SEARCH_FIELDS) -> StageSpec attribute.
 _OVERRIDE_ATTRS = {"lambda": "lambda_", "lora_r": "lora"}
 
