@@ -47,6 +47,43 @@ def test_added_grid_is_growth(tmp_path):
     assert growth_problems(dump(data), dump(moved)) == []  # the folder's place is no meaning
 
 
+def evaluated(data: dict[str, Any], *, sets: list[str], benchmarks: list[str],
+              shots: dict[str, int] | None = None) -> dict[str, Any]:
+    more = copy.deepcopy(data)
+    more["evaluation"]["prompt_sets"] = [{"name": n, "path": "builtin:eval-prompts",
+                                          "max_prompts": 2} for n in sets]
+    more["evaluation"]["benchmarks"] = benchmarks
+    more["evaluation"]["benchmark_shots"] = shots or {}
+    return more
+
+
+def test_added_prompt_sets_and_benchmarks_are_growth(tmp_path):
+    data = evaluated(base(tmp_path), sets=["a"], benchmarks=["belebele"])
+    more = evaluated(grown(data), sets=["a", "b"], benchmarks=["belebele", "mmmlu"],
+                     shots={"mmmlu": 5})  # shots for an added benchmark: part of adding it
+    more["evaluation"]["judge"] = {"prompt_sets": None}
+    assert growth_problems(dump(data), dump(more)) == []
+
+
+def test_changing_what_was_measured_is_refused(tmp_path):
+    data = evaluated(base(tmp_path), sets=["a"], benchmarks=["belebele"])
+    fewer = evaluated(data, sets=[], benchmarks=["belebele"])
+    assert growth_problems(dump(data), dump(fewer))[0].startswith(
+        "evaluation.prompt_sets: [{")
+    capped = copy.deepcopy(data)
+    capped["evaluation"]["prompt_sets"][0]["max_prompts"] = 3
+    assert growth_problems(dump(data), dump(capped)) == [
+        "evaluation.prompt_sets[a].max_prompts: 2 -> 3"]
+    shots = evaluated(data, sets=["a"], benchmarks=["belebele"], shots={"belebele": 5})
+    assert growth_problems(dump(data), dump(shots)) == [
+        "evaluation.benchmark_shots.belebele: (default) -> 5 (a benchmark the run already "
+        "measured)"]
+    judged = copy.deepcopy(data)
+    judged["evaluation"]["judge"] = {"prompt_sets": ["a"]}  # every set (null) -> a subset
+    assert growth_problems(dump(data), dump(judged)) == [
+        'evaluation.judge.prompt_sets: null -> ["a"]']
+
+
 @pytest.mark.parametrize("change, lines", [
     (lambda d: d["schedules"]["clo"][0].update(lr=2e-3),
      ["schedules.clo[0].lr: 0.001 -> 0.002"]),

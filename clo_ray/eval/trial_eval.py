@@ -20,8 +20,9 @@ from clo_ray.report.schema import BASE_METRICS
 from clo_ray.spec.schema import SweepSpec
 
 
-def evaluation_task(spec: SweepSpec) -> Any:
-    """:func:`evaluate_trial` as a Ray task on the resources training just released.
+def evaluation_task(spec: SweepSpec, function: Any = None) -> Any:
+    """:func:`evaluate_trial` (or ``function``, another evaluation of one trial) as a Ray task
+    on the resources training just released.
 
     Not in the trial's own process: that holds one CPU and no GPU, and generating with an 8B
     model there would crawl. The task takes one GPU when training had GPUs (one model copy
@@ -34,21 +35,22 @@ def evaluation_task(spec: SweepSpec) -> Any:
     cpus = min(res.workers_per_trial * res.cpus_per_worker, max(res.cpus_per_worker, 1.0))
     # torch threads: the task's CPUs plus the trial's own CPU, idle while it waits for us.
     threads = int(cpus + trial_resources(spec)["CPU"])
-    return ray.remote(max_calls=1)(_evaluate_with_threads).options(
+    evaluate = function or evaluate_trial
+
+    def with_threads(*args: Any, **kwargs: Any) -> dict[str, float]:
+        import os
+
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("CLO_RAY_EVAL_THREADS", "1")))
+        return dict(evaluate(*args, **kwargs))
+
+    return ray.remote(max_calls=1)(with_threads).options(
         num_cpus=cpus, num_gpus=1 if res.gpus_per_worker else 0,
         scheduling_strategy="DEFAULT",  # outside the trial's placement group, like Train's
         # workers: the trial reserves one CPU only
         runtime_env={"env_vars": {**worker_env(bool(res.gpus_per_worker)),
                                   "CLO_RAY_EVAL_THREADS": str(max(1, threads))}})
-
-
-def _evaluate_with_threads(*args: Any, **kwargs: Any) -> dict[str, float]:
-    import os
-
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("CLO_RAY_EVAL_THREADS", "1")))
-    return evaluate_trial(*args, **kwargs)
 
 
 def evaluate_trial(spec: SweepSpec, model: str, language: str, checkpoint: Any, eval_uri: str,

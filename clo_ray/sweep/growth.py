@@ -2,15 +2,17 @@
 
 A run folder records its spec. Re-running with another spec under the same name is allowed
 when the new spec only *adds* work: more budgets, languages, models or methods (with their
-schedules), more trials per cell, more repeats. Each such spec is a *generation* of the run
-with its own Tune experiment (``tune``, ``tune-grow-1``, ...; repeats likewise): finished
+schedules), more trials per cell, more repeats, more prompt sets or benchmarks. Each such
+spec is a *generation* of the run with its own Tune experiment (``tune``, ``tune-grow-1``,
+...; repeats likewise): finished
 generations are restored, never re-run, and the newest one gets only the trials the earlier
 ones lack, its per-cell searchers replaying the earlier trials of a cell they extend.
 Everything that would change what finished work means (a schedule, the data, a seed, the
-evaluation, a model's revision) is refused, naming each key with its old and new value.
+evaluation's settings, a model's revision) is refused, naming each key with its old and new value.
 
-Evaluation sets and benchmarks are not growable yet: finished trials would need a
-post-hoc evaluation pass, which does not exist; a new set is refused like any other change.
+An added prompt set or benchmark is measured on the finished trials by a post-hoc pass over
+their checkpoints (:mod:`clo_ray.eval.added`), not by re-training them; new trials measure it
+as part of their own evaluation.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from clo_ray.layout import RunLayout
 from clo_ray.spec.grid import Cell
 from clo_ray.spec.schema import SweepSpec, load_spec, spec_hash
 
-# Grid lists that may gain entries (old entries kept, in any order).
-GROWABLE_LISTS = ("budgets", "languages", "models", "methods")
+# Lists that may gain entries (old entries kept, in any order), by their path in the spec.
+GROWABLE_LISTS = (("budgets",), ("languages",), ("models",), ("methods",),
+                  ("evaluation", "prompt_sets"), ("evaluation", "benchmarks"),
+                  ("evaluation", "judge", "prompt_sets"))
 # Counts that may go up.
 GROWABLE_COUNTS = (("search", "trials_per_cell"), ("search", "repeats"))
 
@@ -68,9 +72,13 @@ def growth_problems(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
     old, new = _plain(old), _plain(new)
     for data in (old, new):
         data.get("run", {}).pop("storage", None)
-    problems = []
-    for key in GROWABLE_LISTS:
-        was, now = old.pop(key, []), new.pop(key, [])
+    problems = _shots_problems(old, new)  # before the benchmark lists are popped
+    for path in GROWABLE_LISTS:
+        key = ".".join(path)
+        was, now = _parent(old, path), _parent(new, path)
+        if not (isinstance(was.get(path[-1]), list) and isinstance(now.get(path[-1]), list)):
+            continue  # absent or null (judge.prompt_sets: every set): compared as a value below
+        was, now = was.pop(path[-1]), now.pop(path[-1])
         for entry in (e for e in was if e not in now):
             name = entry.get("name") if isinstance(entry, dict) else None
             same = [e for e in now if isinstance(e, dict) and name and e.get("name") == name]
@@ -90,6 +98,27 @@ def growth_problems(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
         else:
             problems += list(_differences(stages, now_schedules[name], f"schedules.{name}"))
     problems += list(_differences(old, new, ""))
+    return problems
+
+
+def _parent(data: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """The dict holding ``path``'s last key (an empty one when a parent is missing)."""
+    for key in path[:-1]:
+        data = data.get(key) if isinstance(data.get(key), dict) else {}
+    return data
+
+
+def _shots_problems(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``evaluation.benchmark_shots`` may gain entries for added benchmarks only."""
+    was = old.get("evaluation", {}).pop("benchmark_shots", {})
+    now = new.get("evaluation", {}).pop("benchmark_shots", {})
+    kept = old.get("evaluation", {}).get("benchmarks") or []
+    problems = list(_differences(was, {k: v for k, v in now.items() if k in was},
+                                 "evaluation.benchmark_shots"))
+    for name in sorted(set(now) - set(was)):
+        if name in kept:
+            problems.append(f"evaluation.benchmark_shots.{name}: (default) -> {now[name]} "
+                            "(a benchmark the run already measured)")
     return problems
 
 
@@ -116,7 +145,8 @@ def claim_run(spec: SweepSpec) -> list[SweepSpec]:
             raise SpecError(
                 f"run {spec.run.name!r} at {layout.uri} was started with a different spec "
                 f"(hash {old_hash}, this one {digest}), and the change is more than added grid "
-                f"(budgets, languages, models, methods, trials per cell, repeats):\n  "
+                f"(budgets, languages, models, methods, trials per cell, repeats, prompt "
+                f"sets, benchmarks):\n  "
                 + "\n  ".join(problems)
                 + "\ngive this sweep a new run.name, or delete that folder to start over")
         generations.append({"spec_hash": digest, "spec": data})

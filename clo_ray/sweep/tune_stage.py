@@ -4,7 +4,9 @@ A run that never grew has one generation: its Tune experiment, then its repeats.
 (:mod:`clo_ray.sweep.growth`) restores each earlier generation's experiments in order (a
 finished one runs nothing; an interrupted one finishes first), and only then builds the
 newest generation's, which runs the trials the earlier ones lack. The results table is the
-union: one row per trial of every generation, one ``base`` row per (model, language).
+union: one row per trial of every generation, one ``base`` row per (model, language). A
+generation that adds prompt sets or benchmarks has the earlier generations' finished trials
+measure them (:mod:`clo_ray.eval.added`) before the table is written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clo_ray.data.pairs import PreparedPairs
+from clo_ray.eval.added import add_missing_evaluations
 from clo_ray.layout import RunLayout
 from clo_ray.report.schema import results_table
 from clo_ray.spec.schema import SweepSpec
@@ -89,7 +92,8 @@ def run_tune_stage(generations: list[SweepSpec], *, pairs: Mapping[str, Prepared
         outcomes.append(outcome)
         grid = repeats
         failed_grid = failed_grid or (repeats if outcome.failed else None)
-    table = _union(tables)
+    # a grown evaluation: finished trials measure the added prompt sets and benchmarks
+    table = add_missing_evaluations(spec, _union(tables), prompt_sets)
     outcome = TuneOutcome(planned=sum(o.planned for o in outcomes),
                           finished=sum(o.finished for o in outcomes),
                           failed=[f for o in outcomes for f in o.failed])
