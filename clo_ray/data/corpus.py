@@ -65,6 +65,12 @@ class CorpusStats:
     oasst1_no_ranked_reply: int = 0  # root prompts without a ranked, kept assistant reply
     same_answers: int = 0  # preference rows whose chosen and rejected texts are equal
 
+    def summary(self) -> str:
+        """``250 read`` plus every count that is not zero (``3 duplicates_removed``, ...)."""
+        counts = [f"{value} {name}" for name, value in vars(self).items()
+                  if name != "rows_read" and value]
+        return ", ".join([f"{self.rows_read} read", *counts])
+
 
 @dataclass(frozen=True)
 class Corpus:
@@ -418,5 +424,6 @@ def load_corpus(
         same_answers=scan.skips[Skip.SAME_ANSWERS],
     )
     table = pa.table(columns, schema=PREFERENCE_SCHEMA if "rejected" in columns else SCHEMA)
-    logger.info("loaded %d rows from %s as %s: %s", table.num_rows, src.display, fmt, stats)
+    logger.info("corpus: %d rows from %s (%s; %s)", table.num_rows, src.display, fmt,
+                stats.summary())
     return Corpus(table, stats, fmt, path)

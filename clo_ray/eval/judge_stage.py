@@ -111,6 +111,10 @@ def run_judge_stage(spec: SweepSpec, *, results_uri: str | None = None,
         _set_metrics(row, None)
     summary, judgements = JudgeSummary(), []
     judges = LazyJudge(spec, judge)
+    logger.info("judge stage: %d trial(s) against %s on %s, judge %s", sum(
+        r["method"] != "base" for r in rows), ", ".join(section.opponents),
+        ", ".join(spec.evaluation.judged_sets()),
+        "endpoint" if section.backend == "endpoint" else section.model)
     try:
         for row, kind, opponent in _comparisons(rows, spec, summary):
             headline = kind == section.opponents[0]

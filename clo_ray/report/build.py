@@ -21,6 +21,7 @@ from clo_ray.report.markdown import render_markdown
 from clo_ray.report.paper_tables import benchmark_table, judge_curves, main_table
 from clo_ray.report.results import Results
 from clo_ray.report.schema import DEFAULT_METRICS, ResultsError, validate_results
+from clo_ray.report.terminal import best_cells_text
 
 if TYPE_CHECKING:
     from clo_ray.spec.schema import SweepSpec
@@ -33,6 +34,7 @@ class ReportFiles:
     markdown: str | None = None
     tables: str | None = None  # best_trials.parquet
     plots: list[str] = field(default_factory=list)
+    summary: str = ""  # the best-per-cell table as plain text, for the terminal
 
     def paths(self) -> list[str]:
         return [p for p in (self.markdown, self.tables) if p] + self.plots
@@ -96,7 +98,7 @@ def build_report(results: pa.Table, out_dir: str, options: ReportOptions = Repor
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or
                 pa.types.is_null(kind)):
             raise ResultsError(f"metric {metric!r} is a {kind} column, not a number")
-    files, names = ReportFiles(), []
+    files, names = ReportFiles(summary=best_cells_text(res, chosen)), []
     judged = judgements.to_pylist() if judgements is not None else []
     if plots:
         from clo_ray.report.plots import draw_plots

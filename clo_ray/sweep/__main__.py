@@ -11,12 +11,12 @@ that cannot run a trial; 130 interrupted (Ctrl-C): re-run the same command to re
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from clo_ray.cli_args import positive_number
 from clo_ray.errors import CloRayError
 from clo_ray.layout import RunLayout
+from clo_ray.sweep.console import configure_logging
 from clo_ray.sweep.outcome import EXIT_INTERRUPTED, EXIT_TRIALS_FAILED, SweepInterrupted
 from clo_ray.sweep.runner import STAGES, TrialsFailed, run_sweep
 
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--placement-timeout", type=positive_number, metavar="SECONDS",
                         help="how long a trial's train workers may wait for resources before "
                              "the trial fails (default 1800)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print everything Ray, Tune, the workers and the libraries print "
+                             "(default: our progress lines; the rest goes to log files)")
     parser.add_argument("--allow-failed-trials", action="store_true",
                         help="exit 0 even when some trials failed (they are still listed)")
     return parser
@@ -57,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("\nwarning: model references that will not resolve on this machine "
                       "(a sweep started here refuses them):\n  " + "\n  ".join(problems))
             return 0
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+        configure_logging(args.verbose)
         run_sweep(spec, only=args.only, address=args.address,
                   allow_failed_trials=args.allow_failed_trials, label=args.spec,
-                  placement_timeout_s=args.placement_timeout)
+                  placement_timeout_s=args.placement_timeout, verbose=args.verbose)
     except TrialsFailed as failed:
         print(f"\n{failed}\nresults: {RunLayout.of(spec).results}", file=sys.stderr)
         return EXIT_TRIALS_FAILED

@@ -24,6 +24,7 @@ from clo_ray import checked
 from clo_ray.errors import CloRayError
 from clo_ray.layout import RunLayout
 from clo_ray.spec.schema import SweepSpec, check_corpus_kind, check_corpus_size
+from clo_ray.sweep.console import driver_log, logging_to, quiet_libraries
 from clo_ray.sweep.growth import claim_run
 from clo_ray.sweep.outcome import TuneOutcome
 from clo_ray.sweep.preflight import check_capacity, check_models, cluster_shapes
@@ -42,7 +43,7 @@ class TrialsFailed(CloRayError):
 
 def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None = None,
               allow_failed_trials: bool = False, label: str | None = None,
-              placement_timeout_s: float | None = None) -> Any:
+              placement_timeout_s: float | None = None, verbose: bool = True) -> Any:
     """Run the sweep (or one stage); returns Tune's ResultGrid when the tune stage ran.
 
     Before anything is written or started: every model reference resolves, the corpus loads
@@ -55,7 +56,9 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
     Raises SweepInterrupted when the tune stage ended before all trials (nothing is reported:
     re-run to resume), and TrialsFailed after the report when a trial raised, unless
     ``allow_failed_trials``. ``placement_timeout_s``: how long a trial's workers may wait
-    for resources before that trial fails (it does not hang).
+    for resources before that trial fails (it does not hang). ``verbose=False``: the quiet
+    console of :mod:`clo_ray.sweep.console` (``python -m clo_ray.sweep`` without
+    ``--verbose``); the driver's log is written to the run's ``logs/sweep.log`` either way.
     """
     import ray
 
@@ -77,32 +80,39 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
     check_corpus_kind(spec, corpus.preferences, spec.corpus.path)
     prompt_sets = load_sweep_prompt_sets(spec)  # checked before anything expensive too
     generations = claim_run(spec)  # this spec, or the run's specs so far plus this one
-    if only in (None, "translate", "pairs", "tune") and not ray.is_initialized():
-        print(start_ray(driver_runtime_env(), address), flush=True)
-    if only in (None, "tune"):
-        check_capacity(spec, *cluster_shapes())
-    if only == "translate":
-        translate_corpus(spec, corpus=corpus)
-    pairs = None
-    if only in (None, "pairs", "tune"):  # translate (cached) -> pairs (cached)
-        pairs = prepare_sweep_pairs(spec, load_translations(spec, corpus=corpus))
-        logger.info("pairs: %d data set(s) under %s", len(pairs), layout.pairs)
-    grid, outcome = None, None
-    if only in (None, "tune"):  # every generation's trials, then each cell's repeats
-        stage = run_tune_stage(generations, pairs=pairs or {},
-                               prompt_sets=prepare_prompt_sets(spec, prompt_sets),
-                               placement_timeout_s=placement_timeout_s)
-        grid, outcome = stage.grid, stage.outcome
-        checked.write_parquet(layout.results, stage.table, layout.options)
-    if only in (None, "judge"):  # after tune: a trial's SFT opponent may finish after it
-        from clo_ray.eval.judge_stage import run_judge_stage
+    with logging_to(driver_log(layout)) as log_file:
+        print(f"log: {log_file} (everything the driver logs)", flush=True)
+        if only in (None, "translate", "pairs", "tune") and not ray.is_initialized():
+            if not verbose:
+                quiet_libraries()  # before ray.init: its own INFO lines go to the log file
+            print(start_ray(driver_runtime_env(), address, log_to_driver=verbose), flush=True)
+        if only in (None, "tune"):
+            check_capacity(spec, *cluster_shapes())
+        if only == "translate":
+            translate_corpus(spec, corpus=corpus)
+        pairs = None
+        if only in (None, "pairs", "tune"):  # translate (cached) -> pairs (cached)
+            pairs = prepare_sweep_pairs(spec, load_translations(spec, corpus=corpus))
+            logger.info("pairs: %d data set(s) under %s", len(pairs), layout.pairs)
+        grid, outcome = None, None
+        if only in (None, "tune"):  # every generation's trials, then each cell's repeats
+            stage = run_tune_stage(generations, pairs=pairs or {},
+                                   prompt_sets=prepare_prompt_sets(spec, prompt_sets),
+                                   placement_timeout_s=placement_timeout_s,
+                                   quiet=not verbose)
+            grid, outcome = stage.grid, stage.outcome
+            checked.write_parquet(layout.results, stage.table, layout.options)
+        if only in (None, "judge"):  # after tune: a trial's SFT opponent may finish after it
+            from clo_ray.eval.judge_stage import run_judge_stage
 
-        run_judge_stage(spec)
-    if only in (None, "report"):
-        files = build_report(load_results(layout.results, layout.options), layout.uri,
-                             ReportOptions.of(spec), layout.options,
-                             judgements=layout.read_judgements())
-        print(f"report: {files.markdown}")
-    if outcome is not None and outcome.failed and not allow_failed_trials:
-        raise TrialsFailed(outcome, grid)
-    return grid
+            run_judge_stage(spec)
+        if only in (None, "report"):
+            files = build_report(load_results(layout.results, layout.options), layout.uri,
+                                 ReportOptions.of(spec), layout.options,
+                                 judgements=layout.read_judgements())
+            if files.summary:
+                print(f"\n{files.summary}\n", flush=True)
+            print(f"report: {files.markdown}")
+        if outcome is not None and outcome.failed and not allow_failed_trials:
+            raise TrialsFailed(outcome, grid)
+        return grid

@@ -11,6 +11,7 @@ measure them (:mod:`clo_ray.eval.added`) before the table is written.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +23,17 @@ from clo_ray.data.pairs import PreparedPairs
 from clo_ray.eval.added import add_missing_evaluations
 from clo_ray.layout import RunLayout
 from clo_ray.report.schema import results_table
+from clo_ray.spec.grid import grid_cells
 from clo_ray.spec.schema import SweepSpec
+from clo_ray.sweep.console import start_console
+from clo_ray.sweep.console_callback import ConsoleCallback
 from clo_ray.sweep.growth import finished_by_cell
 from clo_ray.sweep.outcome import SweepInterrupted, TuneOutcome, tune_outcome
 from clo_ray.tune.repeats import build_repeat_tuner, repeat_configs, repeats_exist
 from clo_ray.tune.searcher import searcher_metrics
 from clo_ray.tune.tuner import generation_tuner
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,8 +45,12 @@ class TuneStageResult:
 
 def run_tune_stage(generations: list[SweepSpec], *, pairs: Mapping[str, PreparedPairs],
                    prompt_sets: Mapping[str, Mapping[str, str]] | None,
-                   placement_timeout_s: float | None = None) -> TuneStageResult:
+                   placement_timeout_s: float | None = None,
+                   quiet: bool = False) -> TuneStageResult:
     """Every generation's search experiment, then every generation's repeats (module doc).
+
+    ``quiet``: Tune prints nothing; the sweep's console (:mod:`clo_ray.sweep.console`) prints
+    a line per training step and per finished trial instead.
 
     Raises SweepInterrupted when an experiment ended before its trials did (nothing is
     reported: re-run to resume).
@@ -49,6 +59,12 @@ def run_tune_stage(generations: list[SweepSpec], *, pairs: Mapping[str, Prepared
     layout = RunLayout.of(spec)
     options: dict[str, Any] = {"pairs": pairs, "prompt_sets": prompt_sets,
                                "placement_timeout_s": placement_timeout_s}
+    total = len(grid_cells(spec)) * (spec.search.trials_per_cell + spec.search.repeats - 1)
+    console = start_console(total) if quiet else None
+    if console is not None:
+        options |= {"callbacks": [ConsoleCallback()], "verbose": 0}
+    logger.info("tune: %d trials over %d generation(s), under %s", total, len(generations),
+                layout.uri)
     tables: list[pa.Table] = []
     rows: list[dict[str, Any]] = []
     outcomes: list[TuneOutcome] = []
@@ -59,6 +75,8 @@ def run_tune_stage(generations: list[SweepSpec], *, pairs: Mapping[str, Prepared
                                           done=finished_by_cell(rows, metrics), **options)
         if tuner is None:
             continue
+        if console is not None:
+            console.experiment(_trials(rows))
         grid = tuner.fit()
         outcome = tune_outcome(grid, planned)
         if outcome.interrupted:  # a partial experiment is not a result: no table, no report
@@ -78,6 +96,8 @@ def run_tune_stage(generations: list[SweepSpec], *, pairs: Mapping[str, Prepared
         tuner = build_repeat_tuner(generation, configs, generation=index, **options)
         if tuner is None:
             continue
+        if console is not None:
+            console.experiment(_trials(rows))
         repeats = tuner.fit()
         # a restored grid search holds all its trials from the start
         outcome = tune_outcome(repeats, len(list(repeats)) if restored else len(configs))
@@ -97,7 +117,13 @@ def run_tune_stage(generations: list[SweepSpec], *, pairs: Mapping[str, Prepared
     outcome = TuneOutcome(planned=sum(o.planned for o in outcomes),
                           finished=sum(o.finished for o in outcomes),
                           failed=[f for o in outcomes for f in o.failed])
+    logger.info("tune: done (%d trial(s) finished, %d failed, in %d experiment(s))",
+                outcome.finished, len(outcome.failed), len(outcomes))
     return TuneStageResult(table, outcome, failed_grid or grid)
+
+
+def _trials(rows: list[dict[str, Any]]) -> int:
+    return sum(row["method"] != "base" for row in rows)
 
 
 def _repeat_key(cell: Mapping[str, Any], repeat: int) -> tuple[Any, ...]:

@@ -193,7 +193,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {**reduced, **counters, "stage": index, "stage_step": at.done,
                        "stage_steps": totals[index], "step": global_step,
                        "epoch": at.done * train.batch_pairs / rows.num_rows,
-                       "lr": float(engine.lr_scheduler.get_last_lr()[0])}
+                       "lr": float(engine.lr_scheduler.get_last_lr()[0]),
+                       "steps_total": sum(totals), "eta_s": progress.eta_s(global_step)}
             if rank == 0:
                 logger.info(progress.line(index, at.done, global_step, metrics))
             if not save:

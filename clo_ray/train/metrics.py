@@ -92,16 +92,25 @@ class Progress:
     def line(self, stage: int, stage_step: int, global_step: int,
              metrics: Mapping[str, float]) -> str:
         """One line; the ETA extrapolates this run's speed over the remaining global steps."""
-        parts = [f"{label} {metrics[key]:.4f}" for key, label in PROGRESS_FIELDS if key in metrics]
+        return (f"[stage {stage} {self.names[stage]}] step {stage_step}/{self.totals[stage]} "
+                f"(total {global_step}/{sum(self.totals)}) | {loss_parts(metrics)} | "
+                f"{metrics.get('tokens_per_s', 0.0):.0f} tok/s | "
+                f"ETA {duration(self.eta_s(global_step))}")
+
+    def eta_s(self, global_step: int) -> float:
+        """Seconds left: this run's speed so far over the remaining global steps."""
         ran = global_step - self.start_done
         remaining = sum(self.totals) - global_step
-        eta = (time.perf_counter() - self.started) / ran * remaining if ran > 0 else 0.0
-        return (f"[stage {stage} {self.names[stage]}] step {stage_step}/{self.totals[stage]} "
-                f"(total {global_step}/{sum(self.totals)}) | {' '.join(parts)} | "
-                f"{metrics.get('tokens_per_s', 0.0):.0f} tok/s | ETA {_duration(eta)}")
+        return (time.perf_counter() - self.started) / ran * remaining if ran > 0 else 0.0
 
 
-def _duration(seconds: float) -> str:
+def loss_parts(metrics: Mapping[str, float]) -> str:
+    """``loss 1.2345 nll 2.3456 ...``: the PROGRESS_FIELDS a report holds."""
+    return " ".join(f"{label} {metrics[key]:.4f}" for key, label in PROGRESS_FIELDS
+                    if key in metrics)
+
+
+def duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

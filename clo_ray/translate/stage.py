@@ -170,9 +170,10 @@ def _translate(run: _TranslateRun, inputs: dict[str, dict[str, Any]],
                               output_tokens=stats.tokens[lang],
                               seconds=time.perf_counter() - started,
                               startup_seconds=(stats.first_result or started) - started)
-        logger.info("translate %s: %d rows -> %d accepted, %d rejected %s (%s)", lang,
+        reasons = ", ".join(f"{n} {r}" for r, n in result.reasons.items() if n)
+        logger.info("translate %s: %d rows -> %d accepted, %d rejected%s (%s)", lang,
                     result.rows, result.accepted, result.rejected,
-                    {r: n for r, n in result.reasons.items() if n}, cache.uri)
+                    f" ({reasons})" if reasons else "", cache.uri)
         results[lang] = result
     return results
 

@@ -26,7 +26,7 @@ from clo_ray.layout import RunLayout
 from clo_ray.ray_env import trial_resources
 from clo_ray.spec.schema import SweepSpec
 from clo_ray.tune.trainable import run_trial
-from clo_ray.tune.tuner import concurrent_trials
+from clo_ray.tune.tuner import concurrent_trials, run_config
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def build_repeat_tuner(spec: SweepSpec, configs: list[dict[str, Any]], *,
                        pairs: Mapping[str, PreparedPairs],
                        prompt_sets: Mapping[str, Mapping[str, str]] | None = None,
                        placement_timeout_s: float | None = None,
-                       generation: int = 0) -> Any:
+                       generation: int = 0, callbacks: Sequence[Any] = (),
+                       verbose: int = 1) -> Any:
     """The repeats' ``ray.tune.Tuner`` (restored when it exists in storage; None when it does
     not and ``configs`` is empty). ``generation``: a grown sweep's experiment number."""
     from ray import tune
@@ -97,5 +98,4 @@ def build_repeat_tuner(spec: SweepSpec, configs: list[dict[str, Any]], *,
     return tune.Tuner(
         trainable, param_space={"job": tune.grid_search(configs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trials(spec)),
-        run_config=tune.RunConfig(name=name, storage_path=parent,
-                                  storage_filesystem=filesystem, verbose=1))
+        run_config=run_config(name, parent, filesystem, callbacks, verbose))

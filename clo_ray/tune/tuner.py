@@ -15,7 +15,7 @@ experiment exists), so users can add callbacks or change the scheduler before ``
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from clo_ray import storage
@@ -73,8 +73,8 @@ def build_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = 
 def generation_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | None = None,
                      prompt_sets: Mapping[str, Mapping[str, str]] | None = None,
                      restore: bool = True, placement_timeout_s: float | None = None,
-                     generation: int = 0, done: Mapping[str, list[dict[str, Any]]] | None = None
-                     ) -> tuple[Any, int]:
+                     generation: int = 0, done: Mapping[str, list[dict[str, Any]]] | None = None,
+                     callbacks: Sequence[Any] = (), verbose: int = 1) -> tuple[Any, int]:
     """One generation's ``ray.tune.Tuner`` and the trials it runs in all; restored (finished
     trials kept) when it exists; None when there is nothing to run.
 
@@ -87,6 +87,7 @@ def generation_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | No
     (:func:`clo_ray.eval.prompt_sets.prepare_prompt_sets`; without them, prepared here when
     the spec names any). ``placement_timeout_s``: how long a trial's train workers may wait
     to be placed (default :data:`clo_ray.train.trainer.DEFAULT_PLACEMENT_TIMEOUT_S`).
+    ``callbacks``/``verbose``: see :func:`run_config`.
     """
     from ray import tune
 
@@ -130,7 +131,17 @@ def generation_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | No
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=planned,
             max_concurrent_trials=concurrent_trials(spec)),
-        run_config=tune.RunConfig(name=name, storage_path=parent,
-                                  storage_filesystem=filesystem, verbose=1)), planned
+        run_config=run_config(name, parent, filesystem, callbacks, verbose)), planned
+
+
+def run_config(name: str, parent: str, filesystem: Any, callbacks: Sequence[Any],
+               verbose: int) -> Any:
+    """An experiment's RunConfig: where it lives, and what it prints (``verbose``: Tune's
+    own trial table at 1, nothing at 0; ``callbacks``: ours, e.g. the sweep's console lines).
+    Both are stored with the experiment: a restored one prints as it was started."""
+    from ray import tune
+
+    return tune.RunConfig(name=name, storage_path=parent, storage_filesystem=filesystem,
+                          callbacks=list(callbacks), verbose=verbose)
 
 
