@@ -46,15 +46,35 @@ class _OursOrWarnings(logging.Filter):
         return record.name.startswith("clo_ray") or record.levelno >= logging.WARNING
 
 
+class _Stderr(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stderr`` is when a record comes (a test's captured
+    stream, replaced between runs in one process, is never written after it closed)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+_CONSOLE_HANDLER: logging.Handler | None = None
+
+
 def configure_logging(verbose: bool) -> None:
-    """The driver's console handler (module docstring); everything at INFO when verbose."""
+    """The driver's console handler (module docstring), replacing the one a previous call
+    set; everything at INFO when verbose."""
+    global _CONSOLE_HANDLER
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(CONSOLE_FORMAT, datefmt="%H:%M:%S"))
+    if _CONSOLE_HANDLER is not None:
+        root.removeHandler(_CONSOLE_HANDLER)
+    _CONSOLE_HANDLER = _Stderr()
+    _CONSOLE_HANDLER.setFormatter(logging.Formatter(CONSOLE_FORMAT, datefmt="%H:%M:%S"))
     if not verbose:
-        handler.addFilter(_OursOrWarnings())
-    root.addHandler(handler)
+        _CONSOLE_HANDLER.addFilter(_OursOrWarnings())
+    root.addHandler(_CONSOLE_HANDLER)
 
 
 _FILE_HANDLER: logging.Handler | None = None
