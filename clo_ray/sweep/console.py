@@ -50,7 +50,7 @@ class _Stderr(logging.StreamHandler):
     """A stream handler on whatever ``sys.stderr`` is when a record comes (a test's captured
     stream, replaced between runs in one process, is never written after it closed)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

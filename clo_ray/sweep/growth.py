@@ -104,7 +104,8 @@ def growth_problems(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
 def _parent(data: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
     """The dict holding ``path``'s last key (an empty one when a parent is missing)."""
     for key in path[:-1]:
-        data = data.get(key) if isinstance(data.get(key), dict) else {}
+        child = data.get(key)
+        data = child if isinstance(child, dict) else {}
     return data
 
 
