@@ -31,6 +31,7 @@ PYTHONWARNINGS=ignore pip_quiet install --quiet --no-deps -e .
 # PyPI's torchvision/torchaudio/torchcodec are CUDA-linked and break `import vllm` and
 # transformers' image utilities; text models never need them.
 pip_quiet uninstall --yes --quiet torchvision torchaudio torchcodec
-"$venv/bin/python" -c "import clo_ray, torch, ray, deepspeed, transformers, peft, optuna, py3langid, openai, alpaca_eval.metrics"
+# DS_ACCELERATOR: the CPU accelerator named, as the train workers do (no detection warning).
+DS_ACCELERATOR=cpu "$venv/bin/python" -c "import clo_ray, torch, ray, deepspeed, transformers, peft, optuna, py3langid, openai, alpaca_eval.metrics"
 echo "$want" >"$stamp"
 echo "setup: installed in $(( $(date +%s) - start )) s, $(du -sh "$venv" | cut -f1) in $venv"
