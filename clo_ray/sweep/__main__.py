@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true",
                         help="print everything Ray, Tune, the workers and the libraries print "
                              "(default: our progress lines; the rest goes to log files)")
+    parser.add_argument("--takeover", action="store_true",
+                        help="take the run's lease from a driver that looks alive but is gone "
+                             "(its node lost; by default an unrenewed lease expires in 2 min)")
     parser.add_argument("--allow-failed-trials", action="store_true",
                         help="exit 0 even when some trials failed (they are still listed)")
     return parser
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(args.verbose)
         run_sweep(spec, only=args.only, address=args.address,
                   allow_failed_trials=args.allow_failed_trials, label=args.spec,
-                  placement_timeout_s=args.placement_timeout, verbose=args.verbose)
+                  placement_timeout_s=args.placement_timeout, verbose=args.verbose,
+                  takeover=args.takeover)
     except TrialsFailed as failed:
         print(f"\n{failed}\nresults: {RunLayout.of(spec).results}", file=sys.stderr)
         return EXIT_TRIALS_FAILED

@@ -26,6 +26,7 @@ from clo_ray.layout import RunLayout
 from clo_ray.spec.schema import SweepSpec, check_corpus_kind, check_corpus_size
 from clo_ray.sweep.console import driver_log, logging_to, quiet_libraries
 from clo_ray.sweep.growth import claim_run
+from clo_ray.sweep.lease import Lease
 from clo_ray.sweep.outcome import TuneOutcome
 from clo_ray.sweep.preflight import check_capacity, check_models, cluster_shapes
 
@@ -43,7 +44,8 @@ class TrialsFailed(CloRayError):
 
 def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None = None,
               allow_failed_trials: bool = False, label: str | None = None,
-              placement_timeout_s: float | None = None, verbose: bool = True) -> Any:
+              placement_timeout_s: float | None = None, verbose: bool = True,
+              takeover: bool = False) -> Any:
     """Run the sweep (or one stage); returns Tune's ResultGrid when the tune stage ran.
 
     Before anything is written or started: every model reference resolves, the corpus loads
@@ -59,6 +61,8 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
     for resources before that trial fails (it does not hang). ``verbose=False``: the quiet
     console of :mod:`clo_ray.sweep.console` (``python -m clo_ray.sweep`` without
     ``--verbose``); the driver's log is written to the run's ``logs/sweep.log`` either way.
+    A second driver on a run another one drives raises :class:`~clo_ray.sweep.lease.RunBusy`
+    before it claims anything; ``takeover``: take the run's lease even if it looks alive.
     """
     import ray
 
@@ -79,8 +83,9 @@ def run_sweep(spec: SweepSpec, *, only: str | None = None, address: str | None =
     check_corpus_size(spec, len(corpus), spec.corpus.path)  # before anything expensive
     check_corpus_kind(spec, corpus.preferences, spec.corpus.path)
     prompt_sets = load_sweep_prompt_sets(spec)  # checked before anything expensive too
-    generations = claim_run(spec)  # this spec, or the run's specs so far plus this one
-    with logging_to(driver_log(layout)) as log_file:
+    # one driver per run (clo_ray.sweep.lease), taken before the run is claimed
+    with Lease(layout, takeover=takeover), logging_to(driver_log(layout)) as log_file:
+        generations = claim_run(spec)  # this spec, or the run's specs so far plus this one
         print(f"log: {log_file} (everything the driver logs)", flush=True)
         if only in (None, "translate", "pairs", "tune") and not ray.is_initialized():
             if not verbose:
