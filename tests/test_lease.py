@@ -82,6 +82,22 @@ def test_a_killed_local_driver_leaves_no_live_lease(tmp_path, caplog):
     assert f"pid {holder.pid} on " in caplog.text and "its process is gone" in caplog.text
 
 
+def test_a_lease_that_missed_its_beats_is_waited_out(tmp_path, caplog):
+    """A retried job on a new cluster: its predecessor's lease (another host) stopped being
+    renewed a while ago; the new driver waits for it to expire instead of failing."""
+    layout = RunLayout(str(tmp_path), "tiny")
+    path = tmp_path / "tiny" / LEASE_FILE
+    path.parent.mkdir(parents=True)
+    renewed = time.time() - 1.5  # ttl 2 s: missed its beats, expires in 0.5 s
+    path.write_text(json.dumps({"token": "x", "host": "old-head", "pid": 7, "job_id": None,
+                                "since": renewed - 60, "renewed": renewed, "ttl_s": 2.0}))
+    started = time.perf_counter()
+    with Lease(layout, ttl_s=30) as lease:
+        assert read_holder(str(path)).token == lease.holder.token
+    assert 0.4 < time.perf_counter() - started < 10
+    assert "has not been renewed" in caplog.text and "expired" in caplog.text
+
+
 def test_takeover_stops_the_old_holder(tmp_path):
     holder = hold_in_another_process(tmp_path, ttl=2.0)
     try:

@@ -4,11 +4,13 @@ Two drivers on one run (a re-submitted job while a retry still runs, a forgotten
 would both write the same Tune experiment and spec record. So a sweep takes
 ``<run>/driver.lease`` before it claims the run and keeps it fresh from a background thread
 (every ``ttl / 4``); a second driver finds it and stops at once, naming the holder (host,
-pid, Ray job id when submitted as a job, since when, last renewal). A lease whose holder
-stopped renewing it for ``ttl`` is expired (the driver was killed, its node lost) and the next
-driver takes it, at once when the holder was a process on the same host that no longer
-exists (a killed local sweep re-run at once); ``--takeover`` takes a live-looking one whose
-holder the user knows is gone.
+pid, Ray job id when submitted as a job, since when, last renewal). A lease renewed more than
+two periods ago is watched until it expires or is renewed (a RayJob retried on a new
+cluster finds its dead predecessor's lease this way and waits at most ``ttl``). A lease not
+renewed for ``ttl`` is expired (the driver was killed, its node lost) and the next driver
+takes it, at once when the holder was a process on the same host that no longer exists (a
+killed local sweep re-run at once); ``--takeover`` takes a live-looking one whose holder the
+user knows is gone.
 
 The file lives where the run does (local path, s3://, gs://), written atomically. Object
 stores offer no compare-and-swap through pyarrow, so taking a lease is write-then-verify: a
@@ -68,6 +70,10 @@ class Holder:
     def expired(self, now: float) -> bool:
         return now - self.renewed > self.ttl_s
 
+    def missed_beats(self, now: float) -> bool:
+        """Not renewed for more than two renewal periods: probably gone, not yet expired."""
+        return now - self.renewed > self.ttl_s / 2
+
 
 class Lease:
     """The run's lease, held by this process until :meth:`release` (a context manager)."""
@@ -90,13 +96,15 @@ class Lease:
         now = time.time()
         if found is not None and found.token != self.holder.token:
             gone = found.host == self.holder.host and not _alive(found.pid)
-            if not (found.expired(now) or gone or self.takeover):
+            if not (found.expired(now) or gone or self.takeover) and found.missed_beats(now):
+                found = self._wait_for_expiry(found)  # a retried job: its old driver died
+            if not (found.expired(time.time()) or gone or self.takeover):
                 raise RunBusy(
                     f"run {self.uri.rsplit('/', 2)[-2]!r} is being driven by {found.describe()}"
                     f" (lease {self.uri}): wait for it to finish, stop it, or, if that driver is "
                     f"gone, re-run with --takeover (an unrenewed lease expires after "
                     f"{found.ttl_s:g} s)")
-            why = "expired" if found.expired(now) else "its process is gone" if gone \
+            why = "expired" if found.expired(time.time()) else "its process is gone" if gone \
                 else "--takeover"
             logger.warning("taking over the lease of %s (%s)", found.describe(), why)
         self._write()
@@ -109,6 +117,21 @@ class Lease:
         self._thread = threading.Thread(target=self._renew, name="clo-ray-lease", daemon=True)
         self._thread.start()
         return self
+
+    def _wait_for_expiry(self, found: Holder) -> Holder:
+        """Watch a lease that stopped being renewed until it expires (returned as is) or is
+        renewed after all (returned renewed: its holder is alive, the caller refuses)."""
+        logger.warning("the run's lease of %s has not been renewed for %.0f s: waiting up to "
+                       "%.0f s for it to expire", found.describe(), time.time() - found.renewed,
+                       found.renewed + found.ttl_s - time.time())
+        while not found.expired(time.time()):
+            time.sleep(min(5.0, max(found.renewed + found.ttl_s - time.time(), 0.0) + 0.1))
+            now_found = read_holder(self.uri, self.options)
+            if now_found is None or now_found.token != found.token:
+                return found  # released or taken meanwhile: the write-then-verify decides
+            if now_found.renewed != found.renewed:
+                return now_found
+        return found
 
     def release(self) -> None:
         """Stop renewing; delete the file if it is still ours."""
