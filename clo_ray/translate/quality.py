@@ -23,6 +23,16 @@ the defaults must pass with margin:
   spaces) that repeat an earlier one. Sample max: 0.17 (Korean), English 0.09; a "the the
   the" loop is ~1.0. A source that is itself repetitive (a song, a list) raises the bar to
   its own fraction + 0.1, so a faithful translation of it is not a "loop".
+- dropped sentence: seq2seq translators (NLLB, M2M100) are known to end a multi-sentence
+  input early, silently (fairseq #5108, #4167; CTranslate2 #1040): the output is fluent, in
+  the right language, and often within the length bounds. A translation with fewer sentences
+  (``segment``'s sentence ends, CJK ones included, counted line by line so that a list item
+  or a sentence ending in ":" counts) than a source of two or more fails. On the sample, 7 of
+  the 1,542 multi-sentence texts x languages have fewer (4 zh, 3 de: two short questions
+  joined by a comma): 0.45% would be flagged wrongly, so the check applies to a model's
+  translations only (the stage passes ``sentences=True`` unless the backend is a parallel
+  file), and the ``retry`` policy translates a flagged row again one sentence per segment,
+  which a faithful merge passes too.
 """
 
 from __future__ import annotations
@@ -37,9 +47,10 @@ import pyarrow as pa
 
 from clo_ray.data.langid import detect
 from clo_ray.languages import LANGUAGES, langid_candidates
-from clo_ray.translate.segment import prose
+from clo_ray.translate.segment import SENTENCE_END, prose
 
-REASONS = ("empty", "wrong_language", "length_ratio", "repetition", "protected_lost")
+REASONS = ("empty", "wrong_language", "length_ratio", "repetition", "dropped_sentence",
+           "protected_lost")
 MIN_CHECKED_CHARS = 20  # weighted prose characters below which language and length are not judged
 SCRIPT_WEIGHT = {"han": 3.5, "hangul": 2.5}  # English characters per character of the script
 REPEAT_MARGIN = 0.1  # a translation may repeat as much as its source plus this
@@ -82,13 +93,28 @@ def repetition(text: str) -> float:
     return 0.0 if len(grams) < 8 else 1 - len(set(grams)) / len(grams)
 
 
+def sentence_count(text: str) -> int:
+    """Sentences in ``text``, line by line: each line's sentence ends, plus its last sentence
+    when that has no end mark (a list item, a sentence ending in ":")."""
+    count = 0
+    for line in text.splitlines():
+        padded = line.strip() + " "  # a final "." is followed by nothing: let it count
+        ends = list(SENTENCE_END.finditer(padded))
+        tail = padded[ends[-1].end():] if ends else padded
+        count += len(ends) + (1 if _TOKEN.search(tail) else 0)
+    return count
+
+
 def check_translation(source: str, translation: str, target: str, config: QualityConfig,
                       *, lost_spans: Sequence[str] = (),
-                      candidates: tuple[str, ...] | None = None) -> list[str]:
+                      candidates: tuple[str, ...] | None = None,
+                      sentences: bool = False) -> list[str]:
     """Reasons ``translation`` (of English ``source`` into ``target``) fails, in REASONS
     order; ``[]`` passes. ``lost_spans``: protected spans the translator dropped
     (``segment.missing_spans`` or ``segment.dropped_spans``). ``candidates``: language-id
-    labels to choose among (default: every registered language and its confusables)."""
+    labels to choose among (default: every registered language and its confusables).
+    ``sentences``: also check that no sentence was dropped (a model's translation; a parallel
+    file's human translation may join two sentences and is not held to it)."""
     lost = ["protected_lost"] if lost_spans else []
     if not translation.strip():
         return ["empty", *lost]  # the other checks would only repeat it
@@ -106,6 +132,8 @@ def check_translation(source: str, translation: str, target: str, config: Qualit
             reasons.append("length_ratio")
     if repetition(out) > max(config.max_repeat_fraction, repetition(src) + REPEAT_MARGIN):
         reasons.append("repetition")
+    if sentences and (count := sentence_count(src)) >= 2 and sentence_count(out) < count:
+        reasons.append("dropped_sentence")
     return reasons + lost
 
 

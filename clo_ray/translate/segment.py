@@ -78,7 +78,7 @@ _INLINE = re.compile(
 )
 _URL_TRAILING = ".,;:!?'\"*"
 # sentence end: punctuation (+ closing quotes/brackets) then whitespace; CJK needs none
-_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s)|[。！？]+[\"'”’」』）]*")
+SENTENCE_END = re.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s)|[。！？]+[\"'”’」』）]*")
 
 
 def _trim_url(url: str) -> str:
@@ -185,7 +185,7 @@ def _sentences(masked: str, max_chars: int) -> Iterator[str]:
     if len(masked.strip()) <= max_chars:
         yield masked
         return
-    cuts = [m.end() for m in _SENTENCE_END.finditer(masked)]
+    cuts = [m.end() for m in SENTENCE_END.finditer(masked)]
     start = chunk_end = 0
     for cut in [*cuts, len(masked)]:
         if len(masked[start:cut].strip()) > max_chars and chunk_end > start:

@@ -11,7 +11,8 @@ All target languages share one pipeline (one actor pool, one model load). Result
 back with ``iter_batches``, so parts land while the model works and a killed run keeps
 them. Failing rows follow ``translator.quality.policy``: ``drop`` (only in rejects),
 ``keep_flagged`` (in translations with their reasons, and in rejects), ``retry`` (translated
-once more with another decoding setting, then dropped if they still fail). Everything that
+once more with another decoding setting, one sentence per segment when a sentence was
+dropped, then dropped if they still fail). Everything that
 can be wrong with the inputs is checked before Ray starts or a byte is written.
 
 A translator actor that dies mid-batch (a crash, an OOM kill, a preempted node) is restarted
@@ -159,9 +160,13 @@ def _translate(run: _TranslateRun, inputs: dict[str, dict[str, Any]],
     if translator.quality.policy == "retry" and translator.backend != "parallel":
         todo = {lang: _part_ids(cache) for lang, cache in caches.items()}
         work = [(lang, i) for lang, (_, failed, retried) in todo.items()
-                for i, row_id in enumerate(ids) if row_id in failed - retried]
+                for i, row_id in enumerate(ids) if row_id in set(failed) - retried]
+        # a row that lost a sentence goes again one sentence per segment: a translator
+        # that ends multi-sentence inputs early has nothing left to drop
+        by_sentence = {k for k, (lang, i) in enumerate(work)
+                       if "dropped_sentence" in todo[lang][1][ids[i]]}
         retry = decoding.retry(beams=translator.backend != "vllm")
-        stats = stats.merge(_run_pass(run, work, retry, "retry"))
+        stats = stats.merge(_run_pass(run, work, retry, "retry", by_sentence))
     results = {}
     for lang, cache in caches.items():
         result = cache.result(cache.finalize(ids, translator.quality.policy, inputs[lang]),
@@ -178,10 +183,13 @@ def _translate(run: _TranslateRun, inputs: dict[str, dict[str, Any]],
     return results
 
 
-def _part_ids(cache: TranslationCache) -> tuple[set[str], set[str], set[str]]:
-    """Ids in the cache's parts: translated by the first pass, failed in it, retried."""
+def _part_ids(cache: TranslationCache) -> tuple[set[str], dict[str, list[str]], set[str]]:
+    """Ids in the cache's parts: translated by the first pass, failed in it (with the
+    reasons), retried."""
     parts = cache.read_parts()
-    first, failed, retried = set(), set(), set()
+    first: set[str] = set()
+    failed: dict[str, list[str]] = {}
+    retried: set[str] = set()
     for row_id, pass_name, reasons in zip(parts.column("id").to_pylist(),
                                           parts.column("pass").to_pylist(),
                                           parts.column("reasons").to_pylist(), strict=True):
@@ -190,7 +198,7 @@ def _part_ids(cache: TranslationCache) -> tuple[set[str], set[str], set[str]]:
         else:
             first.add(row_id)
             if reasons:
-                failed.add(row_id)
+                failed[row_id] = list(reasons)
     return first, failed, retried
 
 
@@ -208,9 +216,10 @@ class _PassStats:
 
 
 def _run_pass(run: _TranslateRun, work: list[tuple[str, int]], decoding: Decoding,
-              pass_name: str) -> _PassStats:
+              pass_name: str, by_sentence: set[int] | None = None) -> _PassStats:
     """Translate ``work`` ((language, corpus row) pairs) through one Ray Data pipeline,
-    checking and writing rows as they complete."""
+    checking and writing rows as they complete; the rows at ``by_sentence`` (indexes in
+    ``work``) are cut one sentence per segment."""
     stats = _PassStats()
     if not work:
         return stats
@@ -221,7 +230,8 @@ def _run_pass(run: _TranslateRun, work: list[tuple[str, int]], decoding: Decodin
         ray.init(address=ray_address(), include_dashboard=False)
 
     translator, caches = run.spec.translator, run.caches
-    rows = _Rows(run.corpus, work, translator.backend == "parallel", translator.segment_max_chars)
+    rows = _Rows(run.corpus, work, translator.backend == "parallel", translator.segment_max_chars,
+                 by_sentence or set())
     check = QualityConfig.from_section(translator.quality)
     pending = Counter(lang for lang, _ in work)
     buffers: dict[str, list[dict[str, Any]]] = {lang: [] for lang in pending}
@@ -289,7 +299,7 @@ class _Rows:
     the translations coming back, until each row is whole again."""
 
     def __init__(self, corpus: Corpus, work: list[tuple[str, int]], parallel: bool,
-                 max_chars: int) -> None:
+                 max_chars: int, by_sentence: set[int]) -> None:
         self.work, self.parallel = work, parallel
         table = corpus.table
         self.ids = table.column("id").to_pylist()
@@ -303,7 +313,8 @@ class _Rows:
         columns: dict[str, list[Any]] = {k: [] for k in ("job", "id", "field", "language",
                                                          "text")}
         for index, (lang, row) in enumerate(work):
-            segs = {f: [] if parallel else segment(self.english[f][row], max_chars)
+            cut = 1 if index in by_sentence else max_chars  # 1: every sentence alone
+            segs = {f: [] if parallel else segment(self.english[f][row], cut)
                     for f in self.fields}
             texts = {f: [self.english[f][row]] if parallel else
                      [s.text for s in segs[f] if s.translate] for f in self.fields}
@@ -350,6 +361,7 @@ class _Rows:
                 text, lost = reassemble(segs, done), missing_spans(segs, done)
             out[f"{f}_en"], out[f] = source, text
             if source.strip():  # an instruction without a response (a prompt set's row)
-                reasons.update(check_translation(source, text, lang, config, lost_spans=lost))
+                reasons.update(check_translation(source, text, lang, config, lost_spans=lost,
+                                                 sentences=not self.parallel))
         out["reasons"] = [r for r in REASONS if r in reasons]
         return out
