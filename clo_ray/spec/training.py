@@ -191,6 +191,13 @@ class ResourcesSection(Section):
     # places beside it) asks for, on top of one CPU: e.g. {on_demand: 1} keeps trials and
     # controllers off spot nodes on the clusters/ configs, which advertise that resource.
     trial_resources: dict[str, float] = {}
+    # How Ray places a trial's train workers (Ray Train's ScalingConfig): PACK (default:
+    # fewest nodes, spills over), STRICT_PACK (one node: an 8-GPU ZeRO-3 trial over NVLink,
+    # never split across nodes), SPREAD / STRICT_SPREAD (one per node).
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    # Node labels the train workers must run on (Ray 2.60 label selectors; e.g.
+    # {"ray.io/market-type": "on-demand"}, the label Ray sets from a node's market type).
+    worker_labels: dict[str, str] = {}
     # For the plan's cost estimate only (default: 400 TFLOP/s per GPU, see clo_ray.sweep.plan)
     assumed_tflops_per_worker: float | None = Field(None, gt=0)
 

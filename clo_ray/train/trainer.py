@@ -181,9 +181,10 @@ def build_trainer(spec: SweepSpec, config: LoopConfig, *, run_name: str,
         train_loop_per_worker,
         train_loop_config={"loop": config},  # Ray wants a dict; the loop unwraps it
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=resources.workers_per_trial,
-                                               use_gpu=use_gpu,
-                                               resources_per_worker=per_worker),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.workers_per_trial, use_gpu=use_gpu,
+            resources_per_worker=per_worker, placement_strategy=resources.placement_strategy,
+            label_selector=dict(resources.worker_labels) or None),
         run_config=run_config,
     )
 
