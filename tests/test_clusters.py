@@ -295,6 +295,8 @@ def test_rayjob_runs_the_paper_sweep_on_the_same_cluster_spec():
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"].endswith(".zip")  # one commit of the repo, unpacked
     assert any("clo-ray[vllm]" in p for p in runtime_env["pip"]["packages"])
+    # vLLM + CUDA torch per node take longer than Ray's default 600 s setup timeout
+    assert runtime_env["config"]["setup_timeout_seconds"] >= 1200
     assert spec["shutdownAfterJobFinishes"] is True
     # The RayJob's cluster is exactly the RayCluster manifest's spec (no drift between them).
     assert spec["rayClusterSpec"] == _kind(RAYCLUSTER, "RayCluster")["spec"]
@@ -507,3 +509,25 @@ def test_a_misspelled_or_misplaced_field_fails_the_crd_check(crd_validators):
     wrong_type = copy.deepcopy(doc)
     wrong_type["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
     assert any("maxReplicas" in e for e in _errors(crd_validators, wrong_type))
+
+
+# ------------------------------------------------------------------ the image and the vllm extra
+
+
+def test_the_dockerfile_builds_rays_image_with_the_vllm_extra():
+    text = (CLUSTERS / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)$", text, re.M)
+    assert base and RAY_IMAGE.match(base.group(1))
+    assert RAY_IMAGE.match(base.group(1)).group(1).startswith(f"{ray.__version__}-")
+    assert '-e "/home/ray/clo-ray[vllm]"' in text
+
+
+def test_the_vllm_extra_pins_what_rays_llm_extra_pins():
+    """ray.data.llm is tested with the vLLM that `ray[llm]` pins; our extra is that version."""
+    import importlib.metadata as metadata
+
+    ray_llm = [r for r in metadata.requires("ray") or [] if r.startswith("vllm")
+               and 'extra == "llm"' in r]
+    pinned = re.search(r"==([\w.]+)", ray_llm[0]).group(1) if ray_llm else None
+    ours = re.search(r"^vllm = (\[.*\])$", (ROOT / "pyproject.toml").read_text(), re.M)
+    assert pinned and ours and json.loads(ours.group(1)) == [f"vllm=={pinned}"], ray_llm
