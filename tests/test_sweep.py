@@ -130,7 +130,7 @@ def interrupted_and_resumed(tmp_path_factory):
                           timeout=1200, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"tmp": tmp, "spec": spec, "run_dir": run_dir, "before": before,
-            "console": done.stdout + done.stderr,
+            "stdout": done.stdout, "stderr": done.stderr,
             "loads": (tmp / "loads.log").read_text().split(), "first_pid": first.pid,
             "after": history(run_dir), "cached": cached,
             "cache_now": {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}}
@@ -154,29 +154,29 @@ def test_every_trial_lands_in_results_and_cells_learn_only_their_own(interrupted
 
 def test_the_console_shows_progress_not_library_chatter(interrupted_and_resumed):
     """The resumed run's terminal: no worker or library output (it is in the log files), a
-    line per training step, a progress line per finished trial counting the restored one,
-    the best-per-cell table, then the paths."""
-    console = interrupted_and_resumed["console"]
-    lines = console.splitlines()
+    line per training step, a progress line per finished trial counting the restored one
+    (the log lines, on stderr), the best-per-cell table, then the paths (stdout)."""
+    out = interrupted_and_resumed["stdout"].splitlines()
+    err = interrupted_and_resumed["stderr"].splitlines()
+    console = "\n".join(out + err)
     for chatter in ("TrainingReport(", "Trial status:", "Loading weights", "(RayTrainWorker",
                     "(TrainController", "Running Dataset", "it/s]"):
         assert chatter not in console, chatter
-    progress = [line for line in lines if " sweep: " in line]
+    progress = [line for line in err if " sweep: " in line]
     # 3 search trials left after the interruption, then 2 repeats; the restored one counts
-    assert len(progress) == 5, progress
     assert [p.split(" sweep: ")[1].split(" ")[0] for p in progress] == \
-        ["2/6", "3/6", "4/6", "5/6", "6/6"]
+        ["2/6", "3/6", "4/6", "5/6", "6/6"], progress
     assert progress[-1].endswith("all done")
-    finished = [line for line in lines if " trial tiny-llama/sw/" in line]
+    finished = [line for line in err if " trial tiny-llama/sw/" in line]
     assert len(finished) == 5 and all("fidelity" in line for line in finished), finished
-    steps = [line for line in lines if "  step " in line and " tok/s | ETA " in line]
+    steps = [line for line in err if "  step " in line and " tok/s | ETA " in line]
     assert len(steps) >= 5 * 2  # two steps per trial at report_every 1
-    table = lines.index(next(line for line in lines if line.startswith("best trial per cell")))
-    assert lines[table + 1].split()[:4] == ["model", "language", "method", "budget"]
-    assert {line.split()[2] for line in lines[table + 3:table + 6]} == {"base", "CLO", "SFT"}
+    table = out.index(next(line for line in out if line.startswith("best trial per cell")))
+    assert out[table + 1].split()[:4] == ["model", "language", "method", "budget"]
+    assert {line.split()[2] for line in out[table + 3:table + 6]} == {"base", "CLO", "SFT"}
     run_dir = interrupted_and_resumed["run_dir"]
-    assert f"report: {run_dir / 'report.md'}" in lines and lines[-1].startswith("results: ")
-    assert len(lines) < 120, "\n".join(lines)
+    assert f"report: {run_dir / 'report.md'}" in out and out[-1].startswith("results: ")
+    assert len(out) + len(err) < 120, console
     log = (run_dir / "logs" / "sweep.log").read_text()
     assert "Started a local Ray instance" in log  # Ray's own lines: in the file, not here
 
