@@ -98,6 +98,22 @@ def test_a_lease_that_missed_its_beats_is_waited_out(tmp_path, caplog):
     assert "has not been renewed" in caplog.text and "expired" in caplog.text
 
 
+def test_a_lease_released_while_waited_on_is_taken(tmp_path):
+    import threading
+
+    layout = RunLayout(str(tmp_path), "tiny")
+    path = tmp_path / "tiny" / LEASE_FILE
+    path.parent.mkdir(parents=True)
+    renewed = time.time() - 40  # ttl 60 s: missed its beats, 20 s from expiry
+    path.write_text(json.dumps({"token": "x", "host": "old-head", "pid": 7, "job_id": None,
+                                "since": renewed, "renewed": renewed, "ttl_s": 60.0}))
+    threading.Timer(0.5, path.unlink).start()  # its driver ends cleanly meanwhile
+    started = time.perf_counter()
+    with Lease(layout, ttl_s=30) as lease:
+        assert read_holder(str(path)).token == lease.holder.token
+    assert time.perf_counter() - started < 10  # the next look (<= 5 s) finds it free
+
+
 def test_takeover_stops_the_old_holder(tmp_path):
     holder = hold_in_another_process(tmp_path, ttl=2.0)
     try:

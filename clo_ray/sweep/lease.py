@@ -93,11 +93,12 @@ class Lease:
     def acquire(self) -> Lease:
         """Take the lease or raise :class:`RunBusy` naming the holder; then renew it."""
         found = read_holder(self.uri, self.options)
-        now = time.time()
+        now, gone = time.time(), False
         if found is not None and found.token != self.holder.token:
             gone = found.host == self.holder.host and not _alive(found.pid)
             if not (found.expired(now) or gone or self.takeover) and found.missed_beats(now):
                 found = self._wait_for_expiry(found)  # a retried job: its old driver died
+        if found is not None and found.token != self.holder.token:
             if not (found.expired(time.time()) or gone or self.takeover):
                 raise RunBusy(
                     f"run {self.uri.rsplit('/', 2)[-2]!r} is being driven by {found.describe()}"
@@ -118,18 +119,18 @@ class Lease:
         self._thread.start()
         return self
 
-    def _wait_for_expiry(self, found: Holder) -> Holder:
-        """Watch a lease that stopped being renewed until it expires (returned as is) or is
-        renewed after all (returned renewed: its holder is alive, the caller refuses)."""
+    def _wait_for_expiry(self, found: Holder) -> Holder | None:
+        """Watch a lease that stopped being renewed until it expires (returned as is), is
+        renewed after all or taken by another driver (the lease now, which the caller
+        refuses), or is released (None: free)."""
         logger.warning("the run's lease of %s has not been renewed for %.0f s: waiting up to "
                        "%.0f s for it to expire", found.describe(), time.time() - found.renewed,
                        found.renewed + found.ttl_s - time.time())
         while not found.expired(time.time()):
             time.sleep(min(5.0, max(found.renewed + found.ttl_s - time.time(), 0.0) + 0.1))
             now_found = read_holder(self.uri, self.options)
-            if now_found is None or now_found.token != found.token:
-                return found  # released or taken meanwhile: the write-then-verify decides
-            if now_found.renewed != found.renewed:
+            if now_found is None or now_found.token != found.token or \
+                    now_found.renewed != found.renewed:
                 return now_found
         return found
 
