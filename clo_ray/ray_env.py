@@ -41,16 +41,11 @@ def driver_runtime_env() -> dict[str, Any]:
     (``_merge_runtime_env``). The job's values are the user's explicit choice, so ours give
     way on those keys and the rest is merged: the job keeps its working_dir either way.
     """
-    import json
-    import os
-
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
     env = ray_runtime_env()
-    injected = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
-    if not injected:
+    job = submitted_job_config()
+    if job is None:
         return env
-    job_env = json.loads(injected).get("runtime_env") or {}
+    job_env = job.get("runtime_env") or {}
     taken = set(job_env.get("env_vars") or {})
     env_vars = {k: v for k, v in env.pop("env_vars", {}).items() if k not in taken}
     env = {k: v for k, v in env.items() if k not in job_env}
@@ -58,6 +53,24 @@ def driver_runtime_env() -> dict[str, Any]:
         logger.info("the job's runtime_env sets %s: keeping the job's value",
                     sorted(taken & set(REPORT_POLL_ENV)))
     return {**env, "env_vars": env_vars} if env_vars else env
+
+
+def submitted_job_config() -> dict[str, Any] | None:
+    """The job config Ray hands a ``ray job submit`` entrypoint (its runtime env, and its
+    metadata with the submission id), or None for a driver started any other way."""
+    import json
+    import os
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:

@@ -28,6 +28,7 @@ from typing import Any
 
 from clo_ray import storage
 from clo_ray.layout import RunLayout
+from clo_ray.spec.grid import cell_of
 from clo_ray.train.metrics import duration, loss_parts
 
 logger = logging.getLogger(__name__)
@@ -232,8 +233,7 @@ def trial_label(trial: Any) -> str:
     """``model/language/method/budget #k`` (``rN`` for a repeat) from a trial's config."""
     config = trial.config or {}
     config = config.get("job", config)
-    cell = config.get("cell") or {}
-    label = "/".join(str(cell.get(k, "?")) for k in ("model", "language", "method", "budget"))
+    label = "/".join(str(v) for v in cell_of(config)) if "cell" in config else "?"
     label += f" #{config.get('cell_trial', '?')}"
     return label + (f" r{config['repeat']}" if config.get("repeat") else "")
 

@@ -38,6 +38,7 @@ from typing import Any
 from clo_ray import storage
 from clo_ray.errors import CloRayError
 from clo_ray.layout import RunLayout
+from clo_ray.ray_env import submitted_job_config
 
 logger = logging.getLogger(__name__)
 
@@ -200,15 +201,8 @@ def _alive(pid: int) -> bool:
 
 def _job_id() -> str | None:
     """The Ray job submission id when this driver runs as ``ray job submit``'s entrypoint."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw).get("metadata", {}).get("job_submission_id")
-    except ValueError:
-        return None
+    job = submitted_job_config() or {}
+    return (job.get("metadata") or {}).get("job_submission_id")
 
 
 def _when(seconds: float) -> str:
