@@ -161,7 +161,19 @@ def keep_credentials_out_of_ray_logs() -> None:
 
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
     """What the trial's own process holds: one CPU (Ray refuses 0) plus
-    ``resources.trial_resources`` (e.g. ``on_demand``: the trial, and the Train controller Ray
-    places on its node, stay off spot nodes); the train workers ask for theirs
-    (``resources``) when the TorchTrainer starts them."""
+    ``resources.trial_resources``; the train workers ask for theirs (``resources``) when the
+    TorchTrainer starts them."""
     return {"CPU": 1.0, **spec.resources.trial_resources}
+
+
+def trial_placement(spec: SweepSpec) -> Any:
+    """What Tune reserves for one trial: :func:`trial_resources` as a one-bundle placement
+    group whose bundle carries ``resources.trial_labels`` as Ray's label selector, so the
+    trial (and the Train controller Ray V2 pins to the trial's node) starts only on nodes
+    with those labels, e.g. on-demand ones; with autoscaler v2 an unmet selector scales up a
+    node type that has them."""
+    from ray.tune import PlacementGroupFactory
+
+    labels = dict(spec.resources.trial_labels)
+    return PlacementGroupFactory([trial_resources(spec)],
+                                 bundle_label_selector=[labels] if labels else None)

@@ -133,9 +133,10 @@ def test_launcher_node_types(cloud):
         assert 0 <= node.get("min_workers", 0) <= node["max_workers"], name
         total_max += node["max_workers"]
         spot = _is_spot(cloud, node["node_config"])
-        # on_demand marks exactly the non-spot worker types (trial actors are pinned to it).
-        assert ("on_demand" in node["resources"]) is not spot, name
+        # the capacity label marks the market (trial actors select on-demand); spot first
         assert node["labels"]["clo-ray/capacity"] == ("spot" if spot else "on-demand"), name
+        assert node.get("priority", 0) == (10 if spot else 0), name
+        assert set(node["resources"]) <= {"CPU", "GPU", "memory"}, "labels, not resources"
     assert total_max <= config["max_workers"]
     assert config["idle_timeout_minutes"] > 0
 
@@ -143,7 +144,6 @@ def test_launcher_node_types(cloud):
     assert any(g == 8 for g in gpus.values()), "an 8-GPU type for 13B / ZeRO-3 8-GPU trials"
     assert any(0 < g < 8 for g in gpus.values()), "a smaller GPU type (translation, 3B-8B)"
     assert any(g == 8 and _is_spot(cloud, workers[n]["node_config"]) for n, g in gpus.items())
-    assert any("on_demand" in t["resources"] for t in workers.values())
 
 
 @pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
@@ -164,17 +164,19 @@ def test_paper_trial_and_translators_fit_a_node_type(cloud):
 @pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
 def test_paper_trials_ask_for_what_only_on_demand_nodes_have(cloud):
     """A trial's own process (and so its Train controller) must never land on a spot node:
-    paper.yaml's trial_resources name a resource that on-demand types have and spot types lack."""
+    paper.yaml's trial_labels select a label that on-demand types carry and spot types lack."""
     from clo_ray.ray_env import trial_resources
     from clo_ray.spec.schema import load_spec
+    from clo_ray.sweep.preflight import selector_matches
 
-    asked = trial_resources(load_spec(ROOT / "sweeps" / "paper.yaml"))
-    custom = {k for k in asked if k not in ("CPU", "GPU", "memory")}
-    assert custom, "paper.yaml should pin trials to on-demand nodes (resources.trial_resources)"
+    spec = load_spec(ROOT / "sweeps" / "paper.yaml")
+    asked, selector = trial_resources(spec), spec.resources.trial_labels
+    assert selector, "paper.yaml should pin trials to on-demand nodes (resources.trial_labels)"
     workers = _launcher(cloud)["available_node_types"]
     hosts = [n for n, t in workers.items()
-             if all(t["resources"].get(k, 0) >= asked[k] for k in asked)]
-    assert hosts, f"no node type can host a trial asking for {asked}"
+             if all(t["resources"].get(k, 0) >= asked[k] for k in asked)
+             and selector_matches(selector, t["labels"])]
+    assert hosts, f"no node type can host a trial asking for {asked} on {selector}"
     for name in hosts:
         assert not _is_spot(cloud, workers[name]["node_config"]), f"{name} is a spot type"
 
@@ -265,7 +267,8 @@ def test_raycluster_autoscales_with_gpu_groups():
     assert cluster["apiVersion"] == "ray.io/v1"
     spec = cluster["spec"]
     assert spec["enableInTreeAutoscaling"] is True
-    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert spec["autoscalerOptions"]["version"] == "v2"  # scales for label selectors
+    assert spec["headGroupSpec"]["resources"] == {"CPU": "0"}
     assert not any("nvidia.com/gpu" in c["resources"]["limits"]
                    for c in _containers(spec["headGroupSpec"]))
     gpu_counts = []
@@ -275,7 +278,10 @@ def test_raycluster_autoscales_with_gpu_groups():
         pod = group["template"]["spec"]
         limits = pod["containers"][0]["resources"]["limits"]
         spot = pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") == "true"
-        assert ("on_demand" in _start_resources(group)) is not spot, group["groupName"]
+        assert group["labels"]["clo-ray/capacity"] == ("spot" if spot else "on-demand")
+        assert group["labels"]["ray.io/market-type"] == ("spot" if spot else "on-demand")
+        assert group.get("priority", 0) == (10 if spot else 0), group["groupName"]
+        assert group["idleTimeoutSeconds"] > 0 and not _start_resources(group)
         if "nvidia.com/gpu" not in limits:
             continue
         gpus = int(limits["nvidia.com/gpu"])
@@ -298,6 +304,11 @@ def test_rayjob_runs_the_paper_sweep_on_the_same_cluster_spec():
     # vLLM + CUDA torch per node take longer than Ray's default 600 s setup timeout
     assert runtime_env["config"]["setup_timeout_seconds"] >= 1200
     assert spec["shutdownAfterJobFinishes"] is True
+    # unattended recovery: retried on a new cluster, resuming with no flag a human must add
+    # (tests/test_job_submit.py kills head and driver and re-submits the same entrypoint)
+    assert spec["backoffLimit"] >= 1 and "--takeover" not in spec["entrypoint"]
+    # an attempt may spend the runtime_env's whole setup timeout before it is RUNNING
+    assert spec["preRunningDeadlineSeconds"] > runtime_env["config"]["setup_timeout_seconds"]
     # The RayJob's cluster is exactly the RayCluster manifest's spec (no drift between them).
     assert spec["rayClusterSpec"] == _kind(RAYCLUSTER, "RayCluster")["spec"]
     assert _kind(RAYJOB, "ServiceAccount") == _kind(RAYCLUSTER, "ServiceAccount")
@@ -469,3 +480,27 @@ def test_the_vllm_extra_pins_what_rays_llm_extra_pins():
     pinned = re.search(r"==([\w.]+)", ray_llm[0]).group(1) if ray_llm else None
     ours = re.search(r"^vllm = (\[.*\])$", (ROOT / "pyproject.toml").read_text(), re.M)
     assert pinned and ours and json.loads(ours.group(1)) == [f"vllm=={pinned}"], ray_llm
+
+
+def test_rays_kuberay_reader_sees_labels_priorities_and_idle_timeouts():
+    """The RayCluster as Ray's own autoscaler reads it (the converter KubeRay's autoscaler
+    sidecar runs): head CPU 0, the paper trial's label selector met only by on-demand groups,
+    spot groups preferred, a GPU node kept longer when idle than a CPU one."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+
+    from clo_ray.spec.schema import load_spec
+    from clo_ray.sweep.preflight import selector_matches
+
+    cluster = _kind(RAYCLUSTER, "RayCluster")
+    cluster["metadata"]["namespace"] = "default"  # the API server fills it in
+    types = _derive_autoscaling_config_from_ray_cr(cluster)["available_node_types"]
+    assert types["headgroup"]["resources"]["CPU"] == 0
+    selector = load_spec(ROOT / "sweeps" / "paper.yaml").resources.trial_labels
+    hosts = {name for name, t in types.items() if name != "headgroup"
+             and selector_matches(selector, t["labels"])}
+    assert hosts == {"cpu-ondemand", "gpu8-ondemand"}
+    assert types["gpu8-spot"]["priority"] > types["gpu8-ondemand"].get("priority", 0)
+    assert types["gpu8-spot"]["idle_timeout_s"] > types["cpu-ondemand"]["idle_timeout_s"]
+    assert types["gpu8-spot"]["resources"]["GPU"] == 8

@@ -68,6 +68,21 @@ def test_trial_resources_must_exist_on_some_node():
     check_capacity(spec, [NodeShape({"CPU": 4.0, "on_demand": 1.0}, 1)], "nodes")
 
 
+def test_trial_and_worker_labels_must_match_some_node():
+    spec = load_spec({**yaml.safe_load((SPECS / "minimal.yaml").read_text()),
+                      "resources": {"trial_labels": {"clo-ray/capacity": "on-demand"},
+                                    "worker_labels": {"clo-ray/capacity": "!on-demand"}}})
+    spot = NodeShape({"CPU": 4.0}, 1, {"clo-ray/capacity": "spot"})
+    on_demand = NodeShape({"CPU": 4.0}, 1, {"clo-ray/capacity": "on-demand"})
+    with pytest.raises(ClusterCapacityError, match="with labels .*on-demand"):
+        check_capacity(spec, [spot], "nodes")
+    with pytest.raises(ClusterCapacityError, match="worker_labels.*hold only 0"):
+        check_capacity(spec, [on_demand], "nodes")
+    check_capacity(spec, [spot, on_demand], "nodes")
+    # the autoscaler's node types carry no labels in Ray's cluster config: not refused
+    check_capacity(spec, [NodeShape({"CPU": 4.0}, math.inf)], "types")
+
+
 def test_ray_address_is_explicit(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ray_address() == "local"  # never the last `ray start` of this host

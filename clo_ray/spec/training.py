@@ -177,6 +177,16 @@ class MethodSpec(Section):
 # ------------------------------------------------------------------------------ resources, train
 
 
+def label_selector_problem(selector: dict[str, str]) -> str | None:
+    """Ray's own check of a label selector (key syntax, value and operators), run when the
+    spec loads: Ray would otherwise refuse it only when the first trial is placed."""
+    if not selector:
+        return None
+    from ray._private.label_utils import validate_label_selector
+
+    return validate_label_selector(dict(selector))
+
+
 class ResourcesSection(Section):
     """What one trial gets: a Ray Train TorchTrainer with DeepSpeed ZeRO on N workers."""
 
@@ -187,9 +197,14 @@ class ResourcesSection(Section):
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     max_failures: int = Field(0, ge=0)  # trial retries (Ray FailureConfig; 0 = Ray's default)
-    # What the trial's own process (Tune function trainable, and so the Train controller Ray
-    # places beside it) asks for, on top of one CPU: e.g. {on_demand: 1} keeps trials and
-    # controllers off spot nodes on the clusters/ configs, which advertise that resource.
+    # Node labels the trial's own process (Tune's function trainable, and with it the Train
+    # controller Ray pins to that node) must run on: {clo-ray/capacity: on-demand} keeps
+    # them off spot nodes on the clusters/ configs, which label every node type so. A
+    # selector value may use Ray's operators ("!spot", "in(a,b)").
+    trial_labels: dict[str, str] = {}
+    # Custom resources the trial's process holds on top of one CPU, for where a count
+    # matters (e.g. {trial_slot: 1} against nodes that advertise trial_slot: 2 allows two
+    # trials per node). Placement by node kind is trial_labels' job, not this.
     trial_resources: dict[str, float] = {}
     # How Ray places a trial's train workers (Ray Train's ScalingConfig): PACK (default:
     # fewest nodes, spills over), STRICT_PACK (one node: an 8-GPU ZeRO-3 trial over NVLink,
@@ -207,6 +222,9 @@ class ResourcesSection(Section):
         if self.precision == "fp16" and self.gpus_per_worker == 0:
             found.add("precision", "DeepSpeed refuses fp16 on CPU (gpus_per_worker is 0)",
                       allowed=["bf16", "fp32"], value="fp16")
+        for field in ("trial_labels", "worker_labels"):
+            if problem := label_selector_problem(getattr(self, field)):
+                found.add(field, problem, value=getattr(self, field))
         for name, amount in self.trial_resources.items():
             if amount < 0 or name == "GPU":
                 found.add(("trial_resources", name), "must be >= 0, and a trial's own process "

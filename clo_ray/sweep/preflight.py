@@ -79,6 +79,24 @@ class NodeShape:
 
     resources: dict[str, float]
     count: float
+    labels: dict[str, str] | None = None  # None: not known (the autoscaler's node types)
+
+
+def selector_matches(selector: dict[str, str], labels: dict[str, str] | None) -> bool:
+    """Whether a node with ``labels`` satisfies a Ray label selector (``value``, ``!value``,
+    ``in(a,b)``, ``!in(a,b)``); unknown labels satisfy any selector."""
+    if labels is None:
+        return True
+    for key, condition in selector.items():
+        negated = condition.startswith("!")
+        condition = condition[1:] if negated else condition
+        if condition.startswith("in(") and condition.endswith(")"):
+            allowed = {v.strip() for v in condition[3:-1].split(",")}
+        else:
+            allowed = {condition}
+        if (labels.get(key) in allowed) == negated:
+            return False
+    return True
 
 
 def cluster_shapes() -> tuple[list[NodeShape], str]:
@@ -97,7 +115,8 @@ def cluster_shapes() -> tuple[list[NodeShape], str]:
                   for group in config.node_group_configs]
         return shapes, "the autoscaler's node types at their max_count"
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return ([NodeShape({k: float(v) for k, v in n["Resources"].items()}, 1.0) for n in nodes],
+    return ([NodeShape({k: float(v) for k, v in n["Resources"].items()}, 1.0,
+                       dict(n.get("Labels") or {})) for n in nodes],
             f"the {len(nodes)} live node(s) of a cluster without an autoscaler")
 
 
@@ -115,14 +134,20 @@ def check_capacity(spec: SweepSpec, shapes: list[NodeShape], source: str) -> Non
         return min((math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0),
                    default=math.inf)
 
-    bundles = sum(fits(bundle, s.resources) * s.count for s in shapes if fits(bundle, s.resources))
+    workers_on = [s for s in shapes if selector_matches(res.worker_labels, s.labels)]
+    bundles = sum(fits(bundle, s.resources) * s.count for s in workers_on
+                  if fits(bundle, s.resources))
     if bundles < res.workers_per_trial:
         problems.append(f"a trial needs {res.workers_per_trial} train worker(s) of "
                         f"{_show(bundle)} (resources.workers_per_trial, cpus_per_worker, "
-                        f"gpus_per_worker), but {source} hold only {bundles:g}")
-    if not any(fits(actor, s.resources) >= 1 for s in shapes):
-        problems.append(f"a trial's own process needs {_show(actor)} on one node "
-                        "(resources.trial_resources plus 1 CPU), which no node has")
+                        f"gpus_per_worker{', worker_labels' if res.worker_labels else ''}),"
+                        f" but {source} hold only {bundles:g}")
+    if not any(fits(actor, s.resources) >= 1 and selector_matches(res.trial_labels, s.labels)
+               for s in shapes):
+        labels = f" with labels {res.trial_labels}" if res.trial_labels else ""
+        problems.append(f"a trial's own process needs {_show(actor)} on one node{labels} "
+                        "(resources.trial_resources plus 1 CPU, resources.trial_labels), "
+                        "which no node has")
     cpus = sum(s.resources.get("CPU", 0.0) * s.count for s in shapes)
     need_cpus = actor["CPU"] + res.workers_per_trial * res.cpus_per_worker
     if need_cpus > cpus:

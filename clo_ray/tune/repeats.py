@@ -23,7 +23,7 @@ from typing import Any
 from clo_ray import storage
 from clo_ray.data.pairs import PreparedPairs
 from clo_ray.layout import RunLayout
-from clo_ray.ray_env import trial_resources
+from clo_ray.ray_env import trial_placement
 from clo_ray.spec.schema import SweepSpec
 from clo_ray.tune.trainable import run_trial
 from clo_ray.tune.tuner import concurrent_trials, run_config
@@ -84,7 +84,7 @@ def build_repeat_tuner(spec: SweepSpec, configs: list[dict[str, Any]], *,
         tune.with_parameters(run_trial, spec_data=spec.model_dump(mode="json", by_alias=True),
                              pairs=dict(pairs), placement_timeout_s=placement_timeout_s,
                              prompt_sets={k: dict(v) for k, v in (prompt_sets or {}).items()}),
-        trial_resources(spec))
+        trial_placement(spec))
     layout = RunLayout.of(spec)
     folder = layout.generation_folder("repeats", generation)
     filesystem, fs_path = storage.resolve(folder, layout.options)

@@ -21,7 +21,11 @@ from typing import Any
 from clo_ray import storage
 from clo_ray.data.pairs import PreparedPairs
 from clo_ray.layout import RunLayout
-from clo_ray.ray_env import keep_credentials_out_of_ray_logs, trial_resources
+from clo_ray.ray_env import (
+    keep_credentials_out_of_ray_logs,
+    trial_placement,
+    trial_resources,
+)
 from clo_ray.spec.grid import grid_cells
 from clo_ray.spec.schema import SweepSpec
 from clo_ray.tune.searcher import CellScheduler, CellSearcher, searcher_metrics
@@ -106,7 +110,7 @@ def generation_tuner(spec: SweepSpec, *, pairs: Mapping[str, PreparedPairs] | No
         tune.with_parameters(run_trial, spec_data=spec.model_dump(mode="json", by_alias=True),
                              pairs=dict(pairs), placement_timeout_s=placement_timeout_s,
                              prompt_sets={k: dict(v) for k, v in (prompt_sets or {}).items()}),
-        trial_resources(spec))
+        trial_placement(spec))
     layout = RunLayout.of(spec)
     folder = layout.generation_folder("tune", generation)
     filesystem, fs_path = storage.resolve(folder, layout.options)
