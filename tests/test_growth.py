@@ -141,3 +141,36 @@ def test_earlier_trials_seed_the_new_generations_searchers():
     assert list(done) == ["m/sw/clo/8"]
     assert done["m/sw/clo/8"] == [{"params": {"lr": 0.001}, "values": [0.5], "index": 1},
                                   {"params": {"lr": 0.01}, "values": None, "index": 2}]
+
+
+def test_a_job_resubmitted_from_a_new_working_dir_is_the_same_run(tmp_path, monkeypatch):
+    """A RayJob retry unpacks the same working_dir under a new session folder: the spec's
+    relative corpus path resolves elsewhere, yet it is the same run (and its grown
+    generations load with today's paths). A plain driver in another folder is not."""
+    import clo_ray.sweep.growth as growth
+
+    corpus = Path(__file__).resolve().parents[1] / "clo_ray" / "assets" / "parallel_sample.jsonl"
+    data = base(tmp_path)
+    data["corpus"]["path"] = "clo_ray/assets/parallel_sample.jsonl"
+    sessions = []
+    for session in ("session_1", "session_2", "session_3"):
+        here = tmp_path / session / "working_dir_files" / "_ray_pkg_x"
+        (here / "clo_ray" / "assets").mkdir(parents=True)
+        (here / "clo_ray" / "assets" / "parallel_sample.jsonl").write_bytes(corpus.read_bytes())
+        sessions.append(here)
+    monkeypatch.setattr(growth, "submitted_job_config",
+                        lambda: {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}})
+    monkeypatch.chdir(sessions[0])
+    first = load_spec(data)
+    assert claim_run(first) == [first]
+    recorded = RunLayout.of(first).read_spec_record()[1]
+    assert recorded["corpus"]["path"] == growth.JOB_DIR + "/clo_ray/assets/parallel_sample.jsonl"
+    monkeypatch.chdir(sessions[1])  # the retry
+    again = load_spec(data)
+    assert again.corpus.path != first.corpus.path and claim_run(again) == [again]
+    monkeypatch.chdir(sessions[2])  # grown, from a third session: generation 1 loads here
+    older, newer = claim_run(load_spec(grown(data)))
+    assert older.corpus.path == str(sessions[2] / "clo_ray/assets/parallel_sample.jsonl")
+    monkeypatch.setattr(growth, "submitted_job_config", lambda: None)  # not a job
+    with pytest.raises(SpecError, match="corpus.path"):
+        claim_run(load_spec(grown(data)))

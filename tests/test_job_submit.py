@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -24,6 +25,7 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pyarrow.parquet as pq
@@ -131,10 +133,8 @@ def stop_head(head: subprocess.Popen) -> None:
     raise AssertionError(f"processes of the head left after SIGTERM: {names}")
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def start_head(tmp: Path) -> tuple[subprocess.Popen, dict[str, Any]]:
     """A Ray head of our own: loopback only, every port picked free, token auth on."""
-    tmp = tmp_path_factory.mktemp("h")  # short: Ray's unix socket paths under it
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -171,11 +171,47 @@ def ray_head(tmp_path_factory):
     try:
         # the job server (dashboard) hands a job to the dashboard agent: wait for both
         wait_for_ports(head, [dashboard, agent_http], log, timeout=180)
-        client_env = {key: value for key, value in env.items() if key != "RAY_ADDRESS"}
-        yield {"address": f"http://127.0.0.1:{dashboard}", "env": client_env, "tmp": tmp,
-               "temp_dir": tmp / "r", "dashboard_port": dashboard, "sid": head.pid}
-    finally:
+    except BaseException:
         stop_head(head)
+        raise
+    client_env = {key: value for key, value in env.items() if key != "RAY_ADDRESS"}
+    return head, {"address": f"http://127.0.0.1:{dashboard}", "env": client_env, "tmp": tmp,
+                  "temp_dir": tmp / "r", "dashboard_port": dashboard, "sid": head.pid}
+
+
+def kill_head(head: subprocess.Popen) -> None:
+    """A lost head node: SIGKILL to every process of the head's session (GCS, raylet, the job
+    supervisor and the job's driver, trial and train workers), no clean-up of any kind."""
+    deadline = time.time() + 60
+    while (left := session_processes(head.pid)) and time.time() < deadline:
+        for proc in left:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.5)
+    head.wait(timeout=30)
+    assert not session_processes(head.pid), "processes of the killed head are left"
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    """``heads()`` starts one more Ray head (a new cluster, as a RayJob retry gets); every
+    head still running is stopped at the end."""
+    started: list[subprocess.Popen] = []
+
+    def start() -> dict[str, Any]:
+        head, info = start_head(tmp_path_factory.mktemp("h"))  # short: Ray's socket paths
+        started.append(head)
+        info["process"] = head
+        return info
+
+    try:
+        yield start
+    finally:
+        for head in started:
+            if head.poll() is None:
+                stop_head(head)
 
 
 def ray_cli(head: dict, *args: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
@@ -184,33 +220,87 @@ def ray_cli(head: dict, *args: str, timeout: float, **env: str) -> subprocess.Co
                           stdin=subprocess.DEVNULL)
 
 
-@pytest.fixture(scope="module")
-def submitted(ray_head):
-    """The tiny sweep submitted as users do; returns what the tests check."""
-    tmp = ray_head["tmp"]
-    data = yaml.safe_load(SPEC.read_text())
-    data["run"]["storage"] = str(tmp / "runs")
-    spec = tmp / "job_tiny.yaml"
-    spec.write_text(yaml.safe_dump(data))
+def submit(head: dict, submission_id: str, spec: Path, *options: str,
+           timeout: float = 900) -> subprocess.CompletedProcess:
+    """``ray job submit`` as users run it (the working dir uploaded, our env var given)."""
     runtime_env = {"env_vars": JOB_ENV_VARS}  # .git/.venv: Ray 2.60 leaves them out itself
-    start = time.time()
     for _ in range(3):
-        done = ray_cli(ray_head, "job", "submit", "--address", ray_head["address"],
-                       "--submission-id", SUBMISSION_ID, "--working-dir", str(ROOT),
-                       "--runtime-env-json", json.dumps(runtime_env),
-                       "--", "python", "-m", "clo_ray.sweep", str(spec), timeout=900)
+        done = ray_cli(head, "job", "submit", "--address", head["address"],
+                       "--submission-id", submission_id, "--working-dir", str(ROOT),
+                       "--runtime-env-json", json.dumps(runtime_env), *options,
+                       "--", "python", "-m", "clo_ray.sweep", str(spec), timeout=timeout)
         # a loaded box: the job server may not see its agent yet (HTTP 500, job not created)
         if "No available agent to submit job" not in done.stderr:
-            break
+            return done
         time.sleep(5)
-    seconds = time.time() - start
+    return done
+
+
+def finished_trials(run_dir: Path) -> set[str]:
+    """Train run names of the trials whose final (evaluated) report reached Tune."""
+    names = set()
+    for result in (run_dir / "tune").glob("*/result.json"):
+        try:
+            rows = [json.loads(line) for line in result.read_text().splitlines() if line]
+        except (ValueError, OSError):  # being written
+            continue
+        names |= {Path(r["checkpoint"].rstrip("/")).parent.name for r in rows
+                  if r.get("trial_done")}
+    return names
+
+
+def fingerprints(*folders: Path) -> dict[str, tuple[int, str]]:
+    """(mtime_ns, sha256) of every file under ``folders``: what "untouched" means."""
+    import hashlib
+
+    return {str(f): (f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
+            for folder in folders for f in sorted(folder.rglob("*"))
+            if f.is_file() and ".tmp-" not in f.name}  # a write in flight is not finished
+
+
+@pytest.fixture(scope="module")
+def submitted(heads, tmp_path_factory):
+    """The tiny sweep (2 trials, one at a time) submitted as users do; its head and driver
+    killed once the first trial finished, and the same entrypoint submitted again to a new
+    head, as a RayJob retry does: no flag, no clean-up, no human step."""
+    tmp = tmp_path_factory.mktemp("job")
+    data = yaml.safe_load(SPEC.read_text())
+    data["run"]["storage"] = str(tmp / "runs")
+    data["search"].update(trials_per_cell=2, max_concurrent_trials=1)
+    spec = tmp / "job_tiny.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    run_dir = tmp / "runs" / data["run"]["name"]
+
+    first = heads()
+    start = time.time()
+    sent = submit(first, f"{SUBMISSION_ID}-1", spec, "--no-wait", timeout=300)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    deadline = time.time() + 900
+    while not (done_before := finished_trials(run_dir)):
+        status = ray_cli(first, "job", "status", "--address", first["address"],
+                         f"{SUBMISSION_ID}-1", timeout=120)
+        assert "FAILED" not in status.stdout and time.time() < deadline, \
+            ray_cli(first, "job", "logs", "--address", first["address"], f"{SUBMISSION_ID}-1",
+                    timeout=120).stdout[-4000:]
+        time.sleep(2)
+    first_trial_s = time.time() - start
+    caches = tmp / "runs" / "cache"
+    [name] = done_before
+    kept = fingerprints(run_dir / "trials" / name, run_dir / "eval", caches)
+    kill_head(first["process"])  # mid-sweep: the second trial is starting or training
+    killed_at = time.time()
+
+    last = heads()  # the retry: a new cluster, the same entrypoint
+    done = submit(last, SUBMISSION_ID, spec)
+    retry_s = time.time() - killed_at
     # the uploaded working dir, while the head still holds it
-    packages = sorted({p.resolve() for p in ray_head["temp_dir"].glob(
+    packages = sorted({p.resolve() for p in last["temp_dir"].glob(
         "session_*/runtime_resources/working_dir_files/*/")})  # session_latest is a link
-    print(f"ray job submit: {seconds:.0f} s")
-    return {"done": done, "seconds": seconds, "spec": data,
-            "run_dir": tmp / "runs" / data["run"]["name"], "packages": packages,
-            "temp_dir": ray_head["temp_dir"]}
+    print(f"first trial done after {first_trial_s:.0f} s; head + driver killed; "
+          f"new head + retried job done in {retry_s:.0f} s")
+    return {"done": done, "seconds": retry_s, "spec": data, "run_dir": run_dir,
+            "packages": packages, "temp_dir": last["temp_dir"], "head": last,
+            "finished_before": name, "kept": kept, "caches": caches}
 
 
 def test_a_submitted_jobs_runtime_env_and_ours_merge_in_ray(monkeypatch):
@@ -247,20 +337,50 @@ def test_the_job_succeeds_and_its_results_land_in_storage(submitted):
     rows = pq.read_table(run_dir / "results.parquet").to_pylist()
     trials = [row for row in rows if row["method"] != "base"]
     assert [(r["method"], r["language"], r["budget"], r["status"]) for r in trials] == \
-        [("clo", "sw", 8, "completed")]
-    assert 0.0 <= trials[0]["target_fidelity"] <= 1.0 and trials[0]["target_nll"] > 0
+        [("clo", "sw", 8, "completed")] * 2
+    assert all(0.0 <= t["target_fidelity"] <= 1.0 and t["target_nll"] > 0 for t in trials)
     report = (run_dir / "report.md").read_text()
     assert "| tiny-llama |" in report
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_the_retried_job_resumed_without_redoing_finished_work(submitted):
+    """Unattended recovery (the RayJob's backoffLimit): after the head and driver were killed,
+    the same entrypoint on a new head took the dead driver's lease by itself, kept the
+    finished trial (its checkpoints, history and evaluation) and every cache byte for byte,
+    and trained only the trial that had not finished."""
+    done = submitted["done"]
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-6000:]
+    assert "taking over the lease" in log and "its process is gone" in log, log[-6000:]
+    kept = submitted["kept"]
+    assert any("/cache/" in path for path in kept) and any("/trials/" in path for path in kept)
+    after = fingerprints(submitted["run_dir"] / "trials" / submitted["finished_before"],
+                         submitted["run_dir"] / "eval", submitted["caches"])
+    changed = [path for path, mark in kept.items() if after.get(path) != mark]
+    assert not changed, changed  # not rewritten, not deleted (evaluations read again)
+    for cache in ("translations", "pairs"):  # nothing translated or prepared again
+        assert {p for p in after if f"/cache/{cache}/" in p} == \
+            {p for p in kept if f"/cache/{cache}/" in p}, cache
+    trained = sorted(p.parent.name for p in (submitted["run_dir"] / "trials").glob(
+        "*/history.jsonl"))
+    assert len(trained) == 2 and submitted["finished_before"] in trained
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_the_job_ran_in_the_uploaded_working_dir_without_the_venv(submitted):
     # the spec's relative corpus path was resolved in the job's cwd: the uploaded package
-    recorded = yaml.safe_load((submitted["run_dir"] / "spec.yaml").read_text())
-    corpus = Path(recorded["spec"]["corpus"]["path"]).resolve()
+    # (the driver's log names it), and the run records it relative to that working dir
+    read = re.search(r"corpus: 250 rows from (\S+)", submitted["done"].stdout)
+    assert read, submitted["done"].stdout[-3000:]
+    corpus = Path(read.group(1)).resolve()
     assert corpus.is_relative_to(submitted["temp_dir"].resolve()), corpus
     assert "working_dir_files" in corpus.parts and not corpus.is_relative_to(ROOT)
+    recorded = yaml.safe_load((submitted["run_dir"] / "spec.yaml").read_text())
+    assert recorded["spec"]["corpus"]["path"] == \
+        "${ray_job_working_dir}/clo_ray/assets/parallel_sample.jsonl"
     packages = submitted["packages"]
     assert len(packages) == 1, packages
     package = packages[0]
@@ -273,7 +393,8 @@ def test_the_job_ran_in_the_uploaded_working_dir_without_the_venv(submitted):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_token_auth_is_on_for_the_job_server(ray_head, submitted, tmp_path):
+def test_token_auth_is_on_for_the_job_server(submitted, tmp_path):
+    ray_head = submitted["head"]
     address = ray_head["address"]
     wrong = tmp_path / "wrong_token"
     wrong.write_text(secrets.token_hex(32))

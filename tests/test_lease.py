@@ -145,3 +145,39 @@ def test_the_sweep_refuses_a_run_another_driver_holds(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_job_finding_a_fresh_lease_of_a_job_elsewhere_watches_it(tmp_path, monkeypatch, caplog):
+    """A RayJob retried on a new cluster seconds after its head was lost: the old driver's
+    lease is still fresh. The new driver watches it instead of failing the retry, takes it
+    when it expires, and is refused if it is renewed (a live driver on another cluster)."""
+    import clo_ray.sweep.lease as lease_module
+
+    monkeypatch.setattr(lease_module, "_job_id", lambda: "raysubmit_retry")
+    layout = RunLayout(str(tmp_path), "tiny")
+    path = tmp_path / "tiny" / LEASE_FILE
+    path.parent.mkdir(parents=True)
+
+    def write(renewed: float) -> None:
+        path.write_text(json.dumps({"token": "x", "host": "old-head", "pid": 7,
+                                    "job_id": "raysubmit_first", "since": renewed - 60,
+                                    "renewed": renewed, "ttl_s": 2.0}))
+
+    write(time.time())  # renewed just now, expires in 2 s
+    started = time.perf_counter()
+    with Lease(layout, ttl_s=30) as lease:
+        assert read_holder(str(path)).token == lease.holder.token
+    assert 1.5 < time.perf_counter() - started < 10 and "waiting up to" in caplog.text
+
+    import threading
+
+    write(time.time())
+    threading.Timer(0.5, lambda: write(time.time())).start()  # the holder is alive after all
+    with pytest.raises(RunBusy, match="Ray job raysubmit_first on old-head"):
+        Lease(layout, ttl_s=30).acquire()
+    monkeypatch.setattr(lease_module, "_job_id", lambda: None)  # a plain driver: refused at once
+    write(time.time())
+    started = time.perf_counter()
+    with pytest.raises(RunBusy):
+        Lease(layout, ttl_s=30).acquire()
+    assert time.perf_counter() - started < 1

@@ -17,6 +17,7 @@ Relative paths in a spec are relative to the current working directory (what
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -267,14 +268,16 @@ def check_corpus_kind(spec: SweepSpec, preferences: bool, corpus_path: str) -> N
                         "ultrafeedback or preference, or builtin:preference-sample)")
 
 
-def spec_hash(spec: SweepSpec) -> str:
+def spec_hash(spec: SweepSpec, data: dict[str, Any] | None = None) -> str:
     """A stable digest of the validated spec (defaults filled in): canonical JSON, sha256[:16].
 
     A run folder records it, so a changed spec cannot silently continue an existing run.
     ``run.storage`` is left out: it names the run folder (made absolute against the working
-    directory at load time), it does not change what the run computes.
+    directory at load time), it does not change what the run computes. ``data``: the spec's
+    dump as recorded, when the recorder rewrote it (the sweep's portable job paths).
     """
-    data = spec.model_dump(mode="json", by_alias=True)
+    data = copy.deepcopy(data) if data is not None else spec.model_dump(mode="json",
+                                                                        by_alias=True)
     data["run"].pop("storage", None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]

@@ -18,11 +18,13 @@ as part of their own evaluation.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from clo_ray.errors import SpecError
 from clo_ray.layout import RunLayout
+from clo_ray.ray_env import submitted_job_config
 from clo_ray.spec.grid import Cell
 from clo_ray.spec.schema import SweepSpec, load_spec, spec_hash
 
@@ -123,13 +125,53 @@ def _shots_problems(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return problems
 
 
+JOB_DIR = "${ray_job_working_dir}"
+
+
+def job_working_dir() -> str | None:
+    """The working directory of a Ray job whose runtime env ships one (``ray job submit
+    --working-dir``, a RayJob's ``working_dir``): Ray unpacks it to a new session folder on
+    every head, so a retried or re-submitted job sees its files under another path."""
+    config = submitted_job_config() or {}
+    if not (config.get("runtime_env") or {}).get("working_dir"):
+        return None
+    return os.getcwd()
+
+
+def portable_paths(data: Any, here: str | None) -> Any:
+    """``data`` with local paths inside the job's working dir ``here`` written from
+    :data:`JOB_DIR`: what the spec record and its hash hold, so the same spec submitted again
+    (a RayJob retry on a new cluster) is the same run. Unchanged when not a job."""
+    if here is None:
+        return data
+    if isinstance(data, dict):
+        return {k: portable_paths(v, here) for k, v in data.items()}
+    if isinstance(data, list):
+        return [portable_paths(v, here) for v in data]
+    if isinstance(data, str) and (data == here or data.startswith(here.rstrip("/") + "/")):
+        return JOB_DIR + data[len(here.rstrip("/")):]
+    return data
+
+
+def local_paths(data: Any, here: str) -> Any:
+    """The inverse of :func:`portable_paths` for this process's working dir ``here``."""
+    if isinstance(data, dict):
+        return {k: local_paths(v, here) for k, v in data.items()}
+    if isinstance(data, list):
+        return [local_paths(v, here) for v in data]
+    if isinstance(data, str) and data.startswith(JOB_DIR):
+        return here.rstrip("/") + data[len(JOB_DIR):]
+    return data
+
+
 def claim_run(spec: SweepSpec) -> list[SweepSpec]:
     """Record the spec in the run folder; returns the run's generations as validated specs
     (oldest first, ``spec`` last). Refuses a spec that is not the recorded one plus more grid.
     """
     layout = RunLayout.of(spec)
     record = layout.read_spec_record()
-    data, digest = spec.model_dump(mode="json", by_alias=True), spec_hash(spec)
+    data = portable_paths(spec.model_dump(mode="json", by_alias=True), job_working_dir())
+    digest = spec_hash(spec, data)
     if record is None:
         layout.write_spec_record(digest, data)
         return [spec]
@@ -157,7 +199,7 @@ def claim_run(spec: SweepSpec) -> list[SweepSpec]:
 
 def _generation_spec(data: dict[str, Any], current: SweepSpec) -> SweepSpec:
     """An earlier generation's spec, validated again, stored where the run is now."""
-    data = _plain(data)
+    data = local_paths(_plain(data), os.getcwd())
     data["run"]["storage"] = current.run.storage
     data["run"]["storage_options"] = dict(current.run.storage_options)
     return load_spec(data)

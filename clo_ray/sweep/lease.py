@@ -97,7 +97,8 @@ class Lease:
         now, gone = time.time(), False
         if found is not None and found.token != self.holder.token:
             gone = found.host == self.holder.host and not _alive(found.pid)
-            if not (found.expired(now) or gone or self.takeover) and found.missed_beats(now):
+            if not (found.expired(now) or gone or self.takeover) and (
+                    found.missed_beats(now) or self._maybe_a_retry_of(found)):
                 found = self._wait_for_expiry(found)  # a retried job: its old driver died
         if found is not None and found.token != self.holder.token:
             if not (found.expired(time.time()) or gone or self.takeover):
@@ -120,13 +121,21 @@ class Lease:
         self._thread.start()
         return self
 
+    def _maybe_a_retry_of(self, found: Holder) -> bool:
+        """A Ray job finding a fresh lease of a Ray job on another host: a RayJob retried on
+        a new cluster soon after its old head was lost looks exactly like this, so the lease is
+        watched (a live holder renews it within ``ttl / 4`` and is then refused) rather than
+        refused at once, which would spend one of the RayJob's retries."""
+        return bool(self.holder.job_id and found.job_id and found.host != self.holder.host)
+
     def _wait_for_expiry(self, found: Holder) -> Holder | None:
         """Watch a lease that stopped being renewed until it expires (returned as is), is
         renewed after all or taken by another driver (the lease now, which the caller
         refuses), or is released (None: free)."""
         logger.warning("the run's lease of %s has not been renewed for %.0f s: waiting up to "
-                       "%.0f s for it to expire", found.describe(), time.time() - found.renewed,
-                       found.renewed + found.ttl_s - time.time())
+                       "%.0f s for it to expire (a live driver renews it every %.0f s and is "
+                       "then refused)", found.describe(), time.time() - found.renewed,
+                       found.renewed + found.ttl_s - time.time(), found.ttl_s / 4)
         while not found.expired(time.time()):
             time.sleep(min(5.0, max(found.renewed + found.ttl_s - time.time(), 0.0) + 0.1))
             now_found = read_holder(self.uri, self.options)
