@@ -349,12 +349,15 @@ def test_readme_sizing_matches_the_plan():
     quoted = text.split("```text\n", 1)[1].split("```", 1)[0].strip().splitlines()
     for line in quoted:
         assert line in out, f"README quotes a plan line --plan no longer prints: {line}"
-    per_trial_gpus = paper["resources"]["workers_per_trial"] * paper["resources"][
-        "gpus_per_worker"]
-    assert f"{plan.total_hours / per_trial_gpus:.1f} node-hours" in text
+    assert f"**{plan.trial_wall_hours:,.1f}\n   node-hours**" in text
+    longest = max(plan.cells, key=lambda c: c.trial_s or 0.0)
+    assert longest.model == "Llama-2-13b-hf" and "Llama-2-13b's first" in text
+    assert f"{longest.trial_s / 60:.0f} minutes on H100s" in text
     paper["resources"]["assumed_tflops_per_worker"] = 125
-    a100 = build_plan(load_spec(paper)).total_hours
-    assert f"{a100:.1f} GPU-hours" in text
+    a100 = build_plan(load_spec(paper))
+    assert f"**{a100.total_hours:,.1f} GPU-hours, {a100.trial_wall_hours:,.1f} node-hours**" \
+        in text
+    assert f"{a100.trial_wall_hours:,.1f} / 8 ~ **{a100.trial_wall_hours / 8:.0f} hours" in text
 
 
 # ---------------------------------------------------------------------------- security

@@ -98,3 +98,17 @@ def test_ray_places_the_trial_only_on_a_node_with_its_labels(tmp_path, labelled_
     finally:
         ray.util.remove_placement_group(on_demand)
         ray.util.remove_placement_group(spot)
+
+
+@pytest.mark.parametrize("selector", [
+    {"clo-ray/capacity": "on-demand"}, {"clo-ray/capacity": "on demand"}, {"-bad key": "x"},
+    {"a": "!spot"}, {"a": "in(x,y)"}, {"a": "!in(x,y)"}, {"ray.io/market-type": "spot"},
+    {"a": ""}, {"a": "in()"}, {"a/b/c": "x"}, {"a": "x" * 64}, {"a": "x" * 63},
+    {"example.com/zone": "us-east-1a"}, {"a": "in(x,,y)"}])
+def test_the_spec_checks_label_selectors_as_ray_does(selector):
+    """The spec's own check (no ray import on --plan's path) agrees with Ray's."""
+    from ray._private.label_utils import validate_label_selector
+
+    from clo_ray.spec.training import label_selector_problem
+
+    assert (label_selector_problem(selector) is None) == (validate_label_selector(selector) is None)

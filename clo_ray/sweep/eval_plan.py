@@ -8,6 +8,7 @@ else, for an ``alpaca_eval`` set, as AlpacaEval's 805 instructions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from clo_ray.spec.grid import grid_cells
@@ -39,8 +40,18 @@ def _set_sizes(spec: SweepSpec
     return sizes, languages, assumed_sets
 
 
-def evaluation_cost(spec: SweepSpec) -> list[str]:
-    """Lines for the plan: per evaluated model and in all (module docstring)."""
+@dataclass(frozen=True)
+class EvalCounts:
+    """The amounts the cost model (clo_ray.sweep.cost_model) turns into device time."""
+
+    generations: int  # answers per evaluated model (held-out + prompt sets)
+    judge_calls: int  # both answer orders
+    translated: int  # prompt-set instructions the translator translates (once)
+
+
+def evaluation_cost(spec: SweepSpec) -> tuple[list[str], EvalCounts]:
+    """Lines for the plan (per evaluated model and in all; module docstring), and the
+    counts behind them."""
     evaluation, judge = spec.evaluation, spec.evaluation.judge
     cells = grid_cells(spec)
     per_cell = spec.search.trials_per_cell + spec.search.repeats - 1
@@ -58,6 +69,7 @@ def evaluation_cost(spec: SweepSpec) -> list[str]:
              f"{(heldout + sets) * (trials + bases):,}"]
     to_translate = {name: [c for c in spec.languages if c not in held[name]]
                     for name in sizes}
+    calls = 0
     for name, missing in to_translate.items():
         if missing and prompts[name]:
             lines.append(f"prompt set {name}: {prompts[name]:,} instructions translated into "
@@ -92,4 +104,6 @@ def evaluation_cost(spec: SweepSpec) -> list[str]:
     if assumed:
         lines.append(f"prompt sets not readable here, counted as AlpacaEval's {ALPACA_EVAL_SIZE}"
                      f" instructions: {', '.join(assumed)}")
-    return lines
+    counts = EvalCounts(heldout + sets, calls,
+                        sum(prompts[name] * len(missing) for name, missing in to_translate.items()))
+    return lines, counts

@@ -33,15 +33,24 @@ from clo_ray.layout import RunLayout
 from clo_ray.spec.grid import Cell, model_label
 from clo_ray.spec.schema import SweepSpec, check_corpus_kind, check_corpus_size, spec_hash
 from clo_ray.spec.training import REFERENCE_LOSSES, stage_encoding
+from clo_ray.sweep.cost_model import (
+    CPU_TFLOPS_PER_CORE,
+    GPU_TFLOPS,
+    TEMPLATE_TOKENS,
+    TrialTime,
+    evaluation_time,
+    expansion,
+    judge_hours,
+    rates,
+    rates_note,
+    stage_tokens,
+    translation_hours,
+    trial_time,
+)
 from clo_ray.sweep.eval_plan import evaluation_cost
 
 DEFAULT_ENGLISH_TOKENS = 400.0  # English prompt + response tokens of an oasst1-like pair
 CHARS_PER_TOKEN = 4.0  # English characters per token, the usual rule of thumb
-# Target-language tokens per English token for Llama-style (English-centric) tokenizers.
-SCRIPT_EXPANSION = {"Latn": 1.5, "Hans": 1.4, "Kore": 2.5}
-OTHER_SCRIPT_EXPANSION = 2.0
-GPU_TFLOPS = 400.0  # sustained bf16 TFLOP/s per GPU: ~40% of an H100's 989 dense peak
-CPU_TFLOPS_PER_CORE = 0.02  # sustained fp32 training TFLOP/s per CPU core (AVX2)
 MAX_CORPUS_BYTES = 256 << 20  # larger local corpora are not read by the plan
 
 
@@ -57,6 +66,7 @@ class CellPlan:
     tokens: float  # every trial's training tokens + the reference passes charged to the cell
     flops: float | None  # None: the model's size is unknown
     hours: float | None  # device-hours (GPU-h, or CPU-h on CPU)
+    trial_s: float | None = None  # wall seconds of one trial, all its phases
 
     @property
     def model(self) -> str:
@@ -92,19 +102,23 @@ class Plan:
     unknown_sizes: tuple[str, ...] = field(default=())  # model labels without a size
     evaluation: tuple[str, ...] = field(default=())  # the evaluation's cost (eval_plan)
     repeats: int = 1  # search.repeats
+    phases: tuple[tuple[str, float], ...] = field(default=())  # device-hours by phase
+
+    @property
+    def total_hours(self) -> float:
+        """Device-hours of everything: every phase of every trial, base models, translation
+        and a local judge (an endpoint judge's calls are not ours)."""
+        return sum(hours for _, hours in self.phases)
 
     @property
     def total_trials(self) -> int:
         return sum(c.trials for c in self.cells)
 
     @property
-    def total_hours(self) -> float:
-        return sum(c.hours or 0.0 for c in self.cells)
-
-
-def expansion(language: str) -> float:
-    """Target tokens per English token for ``language`` (by its script)."""
-    return SCRIPT_EXPANSION.get(LANGUAGES[language].script, OTHER_SCRIPT_EXPANSION)
+    def trial_wall_hours(self) -> float:
+        """Wall hours of all trials run one after another (a trial's node is held while its
+        evaluation runs on one device, so this is also node-hours at one trial per node)."""
+        return sum(c.trials * (c.trial_s or 0.0) for c in self.cells) / 3600
 
 
 def read_corpus_stats(spec: SweepSpec) -> tuple[int | None, float | None, str]:
@@ -149,13 +163,6 @@ def _parameters(spec: SweepSpec) -> dict[str, float | None]:
             for m in spec.models}
 
 
-def _stage_tokens(loss: str, sft_data: str | None, english: float, target: float) -> float:
-    """Tokens one pair contributes to a stage (all its sequences)."""
-    if loss in REFERENCE_LOSSES:
-        return 2 * (english + target)
-    return {"target": target, "english": english}.get(sft_data or "", english + target)
-
-
 def _first_encoding(spec: SweepSpec, schedules: list[str]) -> str:
     """What a schedule's first stage encodes: methods share the base model's reference pass
     only when it matches."""
@@ -168,7 +175,7 @@ def _schedule_cost(spec: SweepSpec, schedule: str, budget: int, english: float,
     """``(training tokens, reference tokens per trial, shared reference tokens)`` of a trial."""
     train = ref_trial = ref_shared = 0.0
     for i, stage in enumerate(spec.stages(schedule)):
-        per_pair = _stage_tokens(stage.loss, stage.sft_data, english, target)
+        per_pair = stage_tokens(stage.loss, stage.sft_data, english, target)
         pairs = stage.epochs * budget if stage.epochs else \
             (stage.steps or 0) * spec.train.batch_pairs  # one of the two is set
         train += pairs * per_pair
@@ -194,23 +201,34 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
     res = spec.resources
     gpu = res.gpus_per_worker > 0
     per_worker = res.assumed_tflops_per_worker or (
-        GPU_TFLOPS * res.gpus_per_worker if gpu else CPU_TFLOPS_PER_CORE * res.cpus_per_worker)
-    devices = res.workers_per_trial * (res.gpus_per_worker if gpu else res.cpus_per_worker)
-    throughput = per_worker * res.workers_per_trial * 1e12  # FLOP/s per trial
+        GPU_TFLOPS * res.gpus_per_worker if gpu else
+        CPU_TFLOPS_PER_CORE * max(1.0, res.cpus_per_worker))  # torch threads: >= 1
+    rate = rates(spec, per_worker * 1e12)
     params = _parameters(spec)
+    eval_lines, counts = evaluation_cost(spec)
     # the search's trials, then each cell's best configuration again with repeats - 1 seeds
     trials = spec.search.trials_per_cell + spec.search.repeats - 1
     holdout = spec.evaluation.holdout
-    cells, shared_done = [], set()
+    cells, shared_done, unpriced = [], set(), set()
+    phases = dict.fromkeys([*TrialTime.__dataclass_fields__, "shared reference",
+                            "base models", "translation", "judge"], 0.0)
     for model in spec.models:
         p = params[model_label(model)]
         for lang in spec.languages:
             target = english * expansion(lang)
+            evaluated = None if p is None else evaluation_time(spec, counts, p, rate,
+                                                                 english, target, unpriced)
+            base_s = 0.0  # the base model: once per (model, language), cached; the first
+            if evaluated is not None:  # trial of the pair evaluates it
+                base_s = evaluated.generate + evaluated.heldout + evaluated.benchmarks + \
+                    evaluated.load
+                phases["base models"] += base_s / 3600 * rate.eval_devices
             for method in spec.methods:
                 names = method.schedules or []
                 for budget in spec.budgets:
                     costs = [_schedule_cost(spec, s, budget, english, target) for s in names]
-                    train, ref_trial, ref_shared = max(costs, key=lambda c: 3 * c[0] + c[1])
+                    worst = max(range(len(names)), key=lambda i: 3 * costs[i][0] + costs[i][1])
+                    train, ref_trial, ref_shared = costs[worst]
                     key = (model_label(model), lang, budget, _first_encoding(spec, names))
                     if ref_shared and key not in shared_done:
                         shared_done.add(key)
@@ -219,10 +237,25 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
                     tokens = trials * (train + ref_trial) + ref_shared
                     flops = None if p is None else \
                         p * (trials * (6 * train + 2 * ref_trial) + 2 * ref_shared)
-                    hours = None if flops is None else flops / throughput / 3600 * devices
+                    hours = seconds = None
+                    if p is not None and evaluated is not None:
+                        trial = trial_time(spec, names[worst], budget, p, rate, english,
+                                            target, evaluated)
+                        by_phase = trial.device_hours(rate)
+                        shared_s = ref_shared * 2 * p / rate.train_flops
+                        shared = shared_s / 3600 * rate.train_devices
+                        for name, value in by_phase.items():
+                            phases[name] += trials * value
+                        phases["shared reference"] += shared
+                        hours = trials * sum(by_phase.values()) + shared
+                        # the cell's first trial also computes what later trials reuse
+                        seconds = trial.seconds + shared_s + base_s
+                        base_s = 0.0
                     cell = Cell(model_label(model), lang, method.name, budget)
                     cells.append(CellPlan(cell, trials, max(len(spec.stages(s)) for s in names),
-                                          budget, holdout, tokens, flops, hours))
+                                          budget, holdout, tokens, flops, hours, seconds))
+    phases["translation"] = translation_hours(spec, counts, rows, english, rate)
+    phases["judge"] = judge_hours(spec, counts, rate)
     unit = "GPU" if gpu else "CPU"
     sizes = ", ".join(f"{label} {p / 1e9:.3g}B" if p else f"{label} unknown (set params_b)"
                       for label, p in params.items())
@@ -234,31 +267,43 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
             f"{code} {expansion(code):g} ({script})" for script, code in scripts),
         "tokens per pair: clo/dpo 4 sequences (both directions x chosen/rejected) = "
         "2 x (English + target); crpo 4 answers to the target prompt, about the same; sft: "
-        "target, English or both per sft_data",
-        "training FLOPs = 6 x params x tokens over epochs x budget (or steps x "
-        f"train.batch_pairs = {spec.train.batch_pairs}) pairs; full backward assumed (an upper "
-        "bound for attention-only / LoRA stages); no truncation at train.max_length",
+        f"target, English or both per sft_data; + {TEMPLATE_TOKENS} template tokens per "
+        "sequence; no truncation at train.max_length",
+        "training FLOPs per token = params x (2 forward + 2 activation gradients + 2 x the "
+        "trained share for weight gradients (attention 0.33, mlp 0.62, all 1, LoRA 0.01) "
+        "+ 2 recomputed forward with gradient checkpointing), over epochs x budget (or steps "
+        f"x train.batch_pairs = {spec.train.batch_pairs}) pairs",
         "reference log-probs = 2 x params x tokens: once per (model, language, budget, "
         "encoding) for a first-stage clo/dpo/crpo (cached, shared), per trial for later stages",
         f"parameters: {sizes}",
-        f"throughput: {per_worker:g} TFLOP/s per worker"
-        + ("" if res.assumed_tflops_per_worker else
-           f" ({GPU_TFLOPS:g} per GPU = ~40% of an H100's dense bf16 peak)" if gpu else
-           f" ({CPU_TFLOPS_PER_CORE:g} per CPU core)")
-        + f" x {res.workers_per_trial} workers; {unit}-hours = wall hours x {devices:g} "
-        f"{unit}s per trial",
-        "not included in GPU-hours: translation, evaluation (counted below), search-space "
-        "variation (stages as configured; several schedules: the most expensive), retries",
+        rates_note(spec, rate, per_worker),
+        "per trial also: start-up (trial, Train worker group, DeepSpeed, evaluation task), "
+        "base weights loaded, trained tensors checkpointed (bf16; + fp32 Adam state for "
+        "mid-stage checkpoints), a full-model export (fp32) written and read back, the "
+        "evaluation's generations (memory bound: one weight read per decoding step of a "
+        "batch), held-out log-probs and lm-eval requests (forward passes); base models "
+        "evaluated once per (model, language)",
+        "not included: search-space variation (stages as configured; several schedules: the "
+        "most expensive), retries and preemptions, node start-up and idle time, an endpoint "
+        "judge's calls (counted below)",
     )
+    if unpriced:
+        assumptions += (f"benchmarks without a size here (not in the hours): "
+                        f"{', '.join(sorted(unpriced))}",)
     return Plan(spec.run.name, spec_hash(spec), RunLayout.of(spec).uri,
                 tuple(model_label(m) for m in spec.models), tuple(spec.languages),
                 tuple(m.name for m in spec.methods), tuple(spec.budgets), trials, unit,
                 tuple(cells), assumptions, rows,
                 tuple(label for label, p in params.items() if p is None),
-                tuple(evaluation_cost(spec)), spec.search.repeats)
+                tuple(eval_lines), spec.search.repeats, tuple(phases.items()))
 
 
 # ------------------------------------------------------------------------------ printing
+
+PHASE_LABELS = {"start": "trial start-up", "load": "model loads", "train": "training",
+                "reference": "reference (later stages)", "checkpoint": "checkpoints",
+                "export": "export", "generate": "generation", "heldout": "held-out log-probs",
+                "benchmarks": "benchmarks (lm-eval)", "shared reference": "reference (shared)"}
 
 
 def _count(value: float) -> str:
@@ -311,10 +356,11 @@ def format_plan(plan: Plan) -> str:
         "cells:",
     ]
     rows = [[c.model, c.language, c.method, str(c.budget), str(c.trials), str(c.stages),
-             str(c.train_pairs), str(c.holdout_pairs), _count(c.tokens), _hours(c.hours)]
+             str(c.train_pairs), str(c.holdout_pairs), _count(c.tokens),
+             "?" if c.trial_s is None else f"{c.trial_s / 60:.1f}", _hours(c.hours)]
             for c in plan.cells]
     lines += _table(["model", "lang", "method", "budget", "trials", "stages", "train",
-                     "holdout", "tokens", unit], rows, 3)
+                     "holdout", "tokens", "min/trial", unit], rows, 3)
     lines += ["", "by model:", *_summary(plan, "model"), "", "by method:",
               *_summary(plan, "method"), ""]
     if plan.unknown_sizes:
@@ -323,10 +369,20 @@ def format_plan(plan: Plan) -> str:
     lines += [
         f"total: {len(plan.cells)} cells, {plan.total_trials} trials, "
         f"{max((c.stages for c in plan.cells), default=0)} stages per trial at most",
-        f"total compute: {_hours(plan.total_hours)} {plan.device}-hours "
-        f"({_hours(plan.total_hours / 24)} {plan.device}-days)",
         "",
-        "evaluation (counts; not in the hours above):",
+        f"{plan.device}-hours by phase:",
+        *_table(["phase", unit, "share"], [
+            [PHASE_LABELS.get(name, name), _hours(hours),
+             f"{100 * hours / plan.total_hours:.0f}%" if plan.total_hours else "-"]
+            for name, hours in plan.phases if hours], 1),
+        f"total compute: {_hours(plan.total_hours)} {plan.device}-hours "
+        f"({_hours(plan.total_hours / 24)} {plan.device}-days), of which training "
+        f"{_hours(dict(plan.phases).get('train', 0.0))}",
+        f"trial wall time: {_hours(plan.trial_wall_hours)} hours one after another (longest "
+        f"trial {max((c.trial_s or 0.0 for c in plan.cells), default=0.0) / 60:.0f} min); "
+        f"N trials at once: about {_hours(plan.trial_wall_hours)} / N hours",
+        "",
+        "evaluation (counts; priced in the phases above, except an endpoint judge's calls):",
         *(f"  {line}" for line in plan.evaluation),
     ]
     return "\n".join(lines)
