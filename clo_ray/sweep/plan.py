@@ -209,7 +209,9 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
     # the search's trials, then each cell's best configuration again with repeats - 1 seeds
     trials = spec.search.trials_per_cell + spec.search.repeats - 1
     holdout = spec.evaluation.holdout
-    cells, shared_done, unpriced = [], set(), set()
+    cells: list[CellPlan] = []
+    shared_done: set[tuple[str, str, int, str]] = set()
+    unpriced: set[str] = set()
     phases = dict.fromkeys([*TrialTime.__dataclass_fields__, "shared reference",
                             "base models", "translation", "judge"], 0.0)
     for model in spec.models:
@@ -260,7 +262,7 @@ def build_plan(spec: SweepSpec, *, read_corpus: bool = True) -> Plan:
     sizes = ", ".join(f"{label} {p / 1e9:.3g}B" if p else f"{label} unknown (set params_b)"
                       for label, p in params.items())
     scripts = sorted({(LANGUAGES[c].script, c) for c in spec.languages})
-    assumptions = (
+    assumptions: tuple[str, ...] = (
         corpus_note,
         f"English tokens per pair: {english:.0f} ({english_note})",
         "target tokens = English tokens x script factor: " + ", ".join(
