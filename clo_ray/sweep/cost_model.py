@@ -230,9 +230,10 @@ def trial_time(spec: SweepSpec, schedule: str, budget: int, params: float, rate:
                 for st in spec.stages(schedule)]
     train, reference, checkpoint = stage_times(spec, schedule, budget, params, per_pair, rate)
     load = params * 2 / rate.read_bytes
-    # export: base weights read, the full model written in fp32, read back by the evaluation
+    # export: base weights read (bf16), the full model written in fp32 to a local temporary
+    # folder and read back by the evaluation
     export = params * 2 / rate.read_bytes + params * 4 / rate.write_bytes + \
-        params * rate.weight_bytes / rate.read_bytes
+        params * 4 / rate.read_bytes
     return TrialTime(rate.start_s, load, train, reference, checkpoint, export,
                      evaluated.generate, evaluated.heldout, evaluated.benchmarks)
 
