@@ -219,8 +219,8 @@ class ResourcesSection(Section):
     # fewest nodes, spills over), STRICT_PACK (one node: an 8-GPU ZeRO-3 trial over NVLink,
     # never split across nodes), SPREAD / STRICT_SPREAD (one per node).
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
-    # Node labels the train workers must run on (Ray 2.60 label selectors; e.g.
-    # {"ray.io/market-type": "on-demand"}, the label Ray sets from a node's market type).
+    # Node labels the train workers must run on (a Ray 2.60 label selector, like
+    # trial_labels; e.g. {clo-ray/capacity: on-demand} for workers that must not be preempted).
     worker_labels: dict[str, str] = {}
     # For the plan's cost estimate only (default: 400 TFLOP/s per GPU, see clo_ray.sweep.plan)
     assumed_tflops_per_worker: float | None = Field(None, gt=0)

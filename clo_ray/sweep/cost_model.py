@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 from clo_ray.languages import LANGUAGES
 from clo_ray.spec.schema import SweepSpec
@@ -134,14 +135,19 @@ def train_flops_per_token(params: float, trained: float, recompute: bool) -> flo
     return params * (4.0 + 2.0 * trained + (2.0 if recompute else 0.0))
 
 
+def stage_pairs(spec: SweepSpec, stage: Any, budget: int) -> float:
+    """Pairs a stage trains on: epochs x budget, or steps x ``train.batch_pairs`` (one of
+    the two is set)."""
+    return stage.epochs * budget if stage.epochs else (stage.steps or 0) * spec.train.batch_pairs
+
+
 def stage_times(spec: SweepSpec, schedule: str, budget: int, params: float,
                 per_pair: list[float], rate: Rates) -> tuple[float, float, float]:
     """(training s, later-stage reference s, checkpoint s) of one trial's schedule;
     ``per_pair``: each stage's tokens per pair."""
     train = reference = checkpoint = 0.0
     for i, (stage, tokens) in enumerate(zip(spec.stages(schedule), per_pair, strict=True)):
-        pairs = stage.epochs * budget if stage.epochs else (stage.steps or 0) * \
-            spec.train.batch_pairs
+        pairs = stage_pairs(spec, stage, budget)
         trained = trainable_fraction(stage.modules, stage.lora is not None)
         flops = train_flops_per_token(params, trained, spec.train.gradient_checkpointing)
         train += pairs * tokens * flops / rate.train_flops

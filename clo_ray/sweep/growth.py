@@ -138,30 +138,30 @@ def job_working_dir() -> str | None:
     return os.getcwd()
 
 
+def _map_strings(data: Any, change: Any) -> Any:
+    """``data`` (JSON-like) with ``change`` applied to every string in it."""
+    if isinstance(data, dict):
+        return {k: _map_strings(v, change) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_map_strings(v, change) for v in data]
+    return change(data) if isinstance(data, str) else data
+
+
 def portable_paths(data: Any, here: str | None) -> Any:
     """``data`` with local paths inside the job's working dir ``here`` written from
     :data:`JOB_DIR`: what the spec record and its hash hold, so the same spec submitted again
     (a RayJob retry on a new cluster) is the same run. Unchanged when not a job."""
     if here is None:
         return data
-    if isinstance(data, dict):
-        return {k: portable_paths(v, here) for k, v in data.items()}
-    if isinstance(data, list):
-        return [portable_paths(v, here) for v in data]
-    if isinstance(data, str) and (data == here or data.startswith(here.rstrip("/") + "/")):
-        return JOB_DIR + data[len(here.rstrip("/")):]
-    return data
+    root = here.rstrip("/")
+    return _map_strings(data, lambda s: JOB_DIR + s[len(root):]
+                        if s == root or s.startswith(root + "/") else s)
 
 
 def local_paths(data: Any, here: str) -> Any:
     """The inverse of :func:`portable_paths` for this process's working dir ``here``."""
-    if isinstance(data, dict):
-        return {k: local_paths(v, here) for k, v in data.items()}
-    if isinstance(data, list):
-        return [local_paths(v, here) for v in data]
-    if isinstance(data, str) and data.startswith(JOB_DIR):
-        return here.rstrip("/") + data[len(JOB_DIR):]
-    return data
+    root = here.rstrip("/")
+    return _map_strings(data, lambda s: root + s[len(JOB_DIR):] if s.startswith(JOB_DIR) else s)
 
 
 def claim_run(spec: SweepSpec) -> list[SweepSpec]:

@@ -43,6 +43,7 @@ from clo_ray.sweep.cost_model import (
     judge_hours,
     rates,
     rates_note,
+    stage_pairs,
     stage_tokens,
     translation_hours,
     trial_time,
@@ -176,9 +177,7 @@ def _schedule_cost(spec: SweepSpec, schedule: str, budget: int, english: float,
     train = ref_trial = ref_shared = 0.0
     for i, stage in enumerate(spec.stages(schedule)):
         per_pair = stage_tokens(stage.loss, stage.sft_data, english, target)
-        pairs = stage.epochs * budget if stage.epochs else \
-            (stage.steps or 0) * spec.train.batch_pairs  # one of the two is set
-        train += pairs * per_pair
+        train += stage_pairs(spec, stage, budget) * per_pair
         if stage.loss in REFERENCE_LOSSES:
             if i == 0:
                 ref_shared = budget * per_pair
