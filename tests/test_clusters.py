@@ -1,9 +1,10 @@
-"""The cluster configs in clusters/: valid for Ray's own launcher schema and KubeRay's shape,
-consistent with the installed Ray and the sweep specs, and closed to the internet.
+"""The cluster configs in clusters/: valid for Ray's own launcher schema, consistent with the
+installed Ray, the sweep specs and the README's sizing, and closed to the internet.
 
 Nothing here needs a cloud account or starts Ray: the launcher YAMLs go through Ray's JSON
 schema (ray/autoscaler/ray-schema.json) and the offline half of `ray up` (prepare_config +
-validate_config); the KubeRay manifests are checked structurally.
+validate_config). The KubeRay manifests' own layout is tests/test_kuberay.py, their CRD
+validation tests/test_kuberay_crds.py; images and secrets of all four are checked here.
 """
 
 from __future__ import annotations
@@ -20,45 +21,21 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from cluster_files import CLUSTERS, RAYCLUSTER, RAYJOB, ROOT, docs, kind, walk
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTERS = ROOT / "clusters"
 LAUNCHERS = {"aws": CLUSTERS / "aws.yaml", "gcp": CLUSTERS / "gcp.yaml"}
-RAYCLUSTER = CLUSTERS / "kuberay" / "raycluster.yaml"
-RAYJOB = CLUSTERS / "kuberay" / "rayjob.yaml"
 README = CLUSTERS / "README.md"
 ALL_FILES = [*LAUNCHERS.values(), RAYCLUSTER, RAYJOB, README]
 
 PRIVATE_PORTS = (8265, 10001)  # dashboard / job server, Ray client
 PUBLIC_CIDRS = ("0.0.0.0/0", "::/0")
 SUBMIT = "ray job submit --working-dir . -- python -m clo_ray.sweep sweeps/paper.yaml"
-ENTRYPOINT = re.compile(r"^python -m clo_ray\.sweep (sweeps/[\w./-]+\.ya?ml)$")
 SWEEP_REF = re.compile(r"\bsweeps/[\w./-]+\.ya?ml\b")
 RAY_IMAGE = re.compile(r"\brayproject/ray(?:-ml|-llm)?:([\w.-]+)")
 
 
 def _launcher(name: str) -> dict[str, Any]:
     return yaml.safe_load(LAUNCHERS[name].read_text())
-
-
-def _docs(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
-def _kind(path: Path, kind: str) -> dict[str, Any]:
-    (doc,) = [d for d in _docs(path) if d.get("kind") == kind]
-    return doc
-
-
-def _walk(node: Any, path: str = ""):
-    """Every (path, key, value) in nested dicts/lists."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield path, key, value
-            yield from _walk(value, f"{path}.{key}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _walk(value, f"{path}[{i}]")
 
 
 def _is_spot(cloud: str, node_config: dict[str, Any]) -> bool:
@@ -215,12 +192,12 @@ def test_launcher_installs_clo_ray_with_vllm_and_syncs_the_repo(cloud):
 def _all_images() -> list[tuple[str, str]]:
     found = []
     for cloud in LAUNCHERS:
-        for path, key, value in _walk(_launcher(cloud)):
+        for path, key, value in walk(_launcher(cloud)):
             if key in ("image", "head_image", "worker_image"):
                 found.append((f"{cloud}{path}.{key}", value))
     for manifest in (RAYCLUSTER, RAYJOB):
-        for doc in _docs(manifest):
-            for path, key, value in _walk(doc):
+        for doc in docs(manifest):
+            for path, key, value in walk(doc):
                 if key == "image":
                     found.append((f"{manifest.name}{path}", value))
     return found
@@ -238,80 +215,9 @@ def test_every_image_is_the_installed_ray_version():
     for path in ALL_FILES:
         for tag in RAY_IMAGE.findall(path.read_text()):
             assert tag.startswith(f"{ray.__version__}-"), f"{path.name}: rayproject/ray:{tag}"
-    for manifest in (_kind(RAYCLUSTER, "RayCluster")["spec"],
-                     _kind(RAYJOB, "RayJob")["spec"]["rayClusterSpec"]):
+    for manifest in (kind(RAYCLUSTER, "RayCluster")["spec"],
+                     kind(RAYJOB, "RayJob")["spec"]["rayClusterSpec"]):
         assert manifest["rayVersion"] == ray.__version__
-
-
-# ---------------------------------------------------------------------------- KubeRay
-
-
-def _groups(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    return [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-
-
-def _containers(group: dict[str, Any]) -> list[dict[str, Any]]:
-    return group["template"]["spec"]["containers"]
-
-
-def _start_resources(group: dict[str, Any]) -> dict[str, float]:
-    """rayStartParams.resources as KubeRay passes it: '"{\\"name\\": n}"'."""
-    raw = group.get("rayStartParams", {}).get("resources")
-    if raw is None:
-        return {}
-    return json.loads(raw.strip().strip('"').replace('\\"', '"'))
-
-
-def test_raycluster_autoscales_with_gpu_groups():
-    cluster = _kind(RAYCLUSTER, "RayCluster")
-    assert cluster["apiVersion"] == "ray.io/v1"
-    spec = cluster["spec"]
-    assert spec["enableInTreeAutoscaling"] is True
-    assert spec["autoscalerOptions"]["version"] == "v2"  # scales for label selectors
-    assert spec["headGroupSpec"]["resources"] == {"CPU": "0"}
-    assert not any("nvidia.com/gpu" in c["resources"]["limits"]
-                   for c in _containers(spec["headGroupSpec"]))
-    gpu_counts = []
-    for group in spec["workerGroupSpecs"]:
-        assert 0 <= group["minReplicas"] <= group["maxReplicas"], group["groupName"]
-        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-        pod = group["template"]["spec"]
-        limits = pod["containers"][0]["resources"]["limits"]
-        spot = pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") == "true"
-        assert group["labels"]["clo-ray/capacity"] == ("spot" if spot else "on-demand")
-        assert group["labels"]["ray.io/market-type"] == ("spot" if spot else "on-demand")
-        assert group.get("priority", 0) == (10 if spot else 0), group["groupName"]
-        assert group["idleTimeoutSeconds"] > 0 and not _start_resources(group)
-        if "nvidia.com/gpu" not in limits:
-            continue
-        gpus = int(limits["nvidia.com/gpu"])
-        gpu_counts.append(gpus)
-        assert pod["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
-        assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), group["groupName"]
-        assert "cloud.google.com/gke-accelerator" in pod["nodeSelector"], group["groupName"]
-    assert 8 in gpu_counts and any(g < 8 for g in gpu_counts)
-
-
-def test_rayjob_runs_the_paper_sweep_on_the_same_cluster_spec():
-    job = _kind(RAYJOB, "RayJob")
-    assert job["apiVersion"] == "ray.io/v1"
-    spec = job["spec"]
-    match = ENTRYPOINT.match(spec["entrypoint"])
-    assert match and match.group(1) == "sweeps/paper.yaml", spec["entrypoint"]
-    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert runtime_env["working_dir"].endswith(".zip")  # one commit of the repo, unpacked
-    assert any("clo-ray[vllm]" in p for p in runtime_env["pip"]["packages"])
-    # vLLM + CUDA torch per node take longer than Ray's default 600 s setup timeout
-    assert runtime_env["config"]["setup_timeout_seconds"] >= 1200
-    assert spec["shutdownAfterJobFinishes"] is True
-    # unattended recovery: retried on a new cluster, resuming with no flag a human must add
-    # (tests/test_job_submit.py kills head and driver and re-submits the same entrypoint)
-    assert spec["backoffLimit"] >= 1 and "--takeover" not in spec["entrypoint"]
-    # an attempt may spend the runtime_env's whole setup timeout before it is RUNNING
-    assert spec["preRunningDeadlineSeconds"] > runtime_env["config"]["setup_timeout_seconds"]
-    # The RayJob's cluster is exactly the RayCluster manifest's spec (no drift between them).
-    assert spec["rayClusterSpec"] == _kind(RAYCLUSTER, "RayCluster")["spec"]
-    assert _kind(RAYJOB, "ServiceAccount") == _kind(RAYCLUSTER, "ServiceAccount")
 
 
 # ---------------------------------------------------------------------------- sweeps referenced
@@ -371,7 +277,7 @@ def _ports(rule: dict[str, Any]) -> range:
 def public_exposures(config: Any) -> list[str]:
     """Rules in a launcher config that open the dashboard/client ports to the internet."""
     found = []
-    for path, key, value in _walk(config):
+    for path, key, value in walk(config):
         if key == "IpPermissions":  # AWS security-group ingress
             for rule in value:
                 cidrs = [r.get("CidrIp") for r in rule.get("IpRanges", [])]
@@ -421,23 +327,6 @@ def test_launcher_keeps_token_auth_on(cloud):
     assert "/home/ray/.ray/auth_token" in config["cluster_synced_files"]
 
 
-def test_kuberay_is_private_and_authenticated():
-    clusters = [_kind(RAYCLUSTER, "RayCluster")["spec"],
-                _kind(RAYJOB, "RayJob")["spec"]["rayClusterSpec"]]
-    for cluster in clusters:
-        assert cluster["authOptions"]["mode"] == "token"
-        assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
-    for manifest in (RAYCLUSTER, RAYJOB):
-        docs = _docs(manifest)
-        assert not any(d["kind"] in ("Ingress", "Service", "Route") for d in docs)
-        for doc in docs:
-            for path, key, value in _walk(doc):
-                assert not (key == "serviceType" and value != "ClusterIP"), path
-                assert not (key == "hostNetwork" and value), path
-                assert key != "hostPort", path
-                assert not (key == "dashboard-host" and value not in ("127.0.0.1", "localhost"))
-
-
 SECRET_SHAPES = {
     "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
     "AWS secret key": re.compile(r"aws_secret_access_key\s*[:=]", re.I),
@@ -454,8 +343,8 @@ def test_no_secrets_in_cluster_files():
             assert not shape.search(text), f"{path.name} contains what looks like a {what}"
         assert "RAY_AUTH_MODE=disabled" not in text
     for manifest in (RAYCLUSTER, RAYJOB):
-        for doc in _docs(manifest):
-            for _, key, value in _walk(doc):
+        for doc in docs(manifest):
+            for _, key, value in walk(doc):
                 if key != "env":
                     continue
                 for var in value:  # secret-looking variables only ever come from a Secret
@@ -483,27 +372,3 @@ def test_the_vllm_extra_pins_what_rays_llm_extra_pins():
     pinned = re.search(r"==([\w.]+)", ray_llm[0]).group(1) if ray_llm else None
     ours = re.search(r"^vllm = (\[.*\])$", (ROOT / "pyproject.toml").read_text(), re.M)
     assert pinned and ours and json.loads(ours.group(1)) == [f"vllm=={pinned}"], ray_llm
-
-
-def test_rays_kuberay_reader_sees_labels_priorities_and_idle_timeouts():
-    """The RayCluster as Ray's own autoscaler reads it (the converter KubeRay's autoscaler
-    sidecar runs): head CPU 0, the paper trial's label selector met only by on-demand groups,
-    spot groups preferred, a GPU node kept longer when idle than a CPU one."""
-    from ray.autoscaler._private.kuberay.autoscaling_config import (
-        _derive_autoscaling_config_from_ray_cr,
-    )
-
-    from clo_ray.spec.schema import load_spec
-    from clo_ray.sweep.preflight import selector_matches
-
-    cluster = _kind(RAYCLUSTER, "RayCluster")
-    cluster["metadata"]["namespace"] = "default"  # the API server fills it in
-    types = _derive_autoscaling_config_from_ray_cr(cluster)["available_node_types"]
-    assert types["headgroup"]["resources"]["CPU"] == 0
-    selector = load_spec(ROOT / "sweeps" / "paper.yaml").resources.trial_labels
-    hosts = {name for name, t in types.items() if name != "headgroup"
-             and selector_matches(selector, t["labels"])}
-    assert hosts == {"cpu-ondemand", "gpu8-ondemand"}
-    assert types["gpu8-spot"]["priority"] > types["gpu8-ondemand"].get("priority", 0)
-    assert types["gpu8-spot"]["idle_timeout_s"] > types["cpu-ondemand"]["idle_timeout_s"]
-    assert types["gpu8-spot"]["resources"]["GPU"] == 8
